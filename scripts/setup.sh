@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up stepcache in ./.venv (or $STEPCACHE_VENV) with every extra, CPU-only.
+#
+# torch is installed first, pinned to the CPU build this machine's package index serves, because
+# an unpinned torch (asked for by a dependency) pulls several GB of CUDA packages. An existing
+# torch in the venv is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${STEPCACHE_VENV:-.venv}
+TORCH_SPEC=${STEPCACHE_TORCH:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing $TORCH_SPEC (CPU build)"
+    pip_install "$TORCH_SPEC"
+fi
+echo "setup: installing stepcache with all extras"
+pip_install -e ".[all]"
+"$VENV/bin/python" -c "import torch, stepcache; print(f'setup: stepcache {stepcache.__version__}, torch {torch.__version__}')"

@@ -1,0 +1,121 @@
+"""StepCache backend: attaches the config and state to a supported pipeline.
+
+The pipeline's denoise loop reads them back (:func:`get_stepcache_state`) and calls
+:meth:`StepCacheState.should_run_step` to decide whether to run its DiT. Pipelines are matched by
+class name, so this module never imports a model.
+
+Example:
+    >>> backend = StepCacheBackend(DiffusionCacheConfig())   # doctest: +SKIP
+    >>> backend.enable(pipeline)                             # once, at load
+    >>> backend.refresh(pipeline, num_inference_steps=16)    # before every generation
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
+from stepcache.state import StepCacheState
+
+logger = logging.getLogger(__name__)
+
+STEP_CACHE_CONFIG_ATTR = "_stepcache_config"
+STEP_CACHE_STATE_ATTR = "_stepcache_state"
+
+
+class CacheBackend(abc.ABC):
+    """A cache that is enabled on a pipeline once and refreshed before every generation."""
+
+    def __init__(self, config: DiffusionCacheConfig) -> None:
+        self.config = config
+        self.enabled = False
+
+    @abc.abstractmethod
+    def enable(self, pipeline: Any) -> None:
+        """Attach the cache to ``pipeline`` (once, when the pipeline is loaded)."""
+
+    @abc.abstractmethod
+    def refresh(self, pipeline: Any, num_inference_steps: int, verbose: bool = True) -> None:
+        """Prepare for a new generation of ``num_inference_steps`` steps."""
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+
+def enable_dreamzero_stepcache(pipeline: Any, config: DiffusionCacheConfig) -> None:
+    """Enable stepcache for DreamZeroPipeline: set its ``_stepcache_config`` and ``_stepcache_state``."""
+    step_config = StepCacheConfig.from_diffusion_cache_config(config)
+    setattr(pipeline, STEP_CACHE_CONFIG_ATTR, step_config)
+    setattr(pipeline, STEP_CACHE_STATE_ATTR, StepCacheState(step_config))
+
+
+# Pipeline class name -> function that attaches StepCache to it.
+CUSTOM_STEPCACHE_ENABLERS: dict[str, Callable[[Any, DiffusionCacheConfig], None]] = {
+    "DreamZeroPipeline": enable_dreamzero_stepcache,
+}
+
+
+def _find_enabler(pipeline: Any) -> Callable[[Any, DiffusionCacheConfig], None] | None:
+    # Walk the class hierarchy so a subclass of a supported pipeline is supported too.
+    for cls in type(pipeline).__mro__:
+        enabler = CUSTOM_STEPCACHE_ENABLERS.get(cls.__name__)
+        if enabler is not None:
+            return enabler
+    return None
+
+
+class StepCacheBackend(CacheBackend):
+    """Velocity cosine step-skipping cache backend for DreamZero-style pipelines.
+
+    Args:
+        config: a :class:`DiffusionCacheConfig`, or anything
+            :func:`~stepcache.config.as_diffusion_cache_config` accepts (dict, JSON string, None).
+    """
+
+    def __init__(self, config: DiffusionCacheConfig | Mapping[str, Any] | str | None = None) -> None:
+        super().__init__(as_diffusion_cache_config(config))
+
+    def enable(self, pipeline: Any) -> None:
+        enabler = _find_enabler(pipeline)
+        if enabler is None:
+            raise ValueError(
+                f"StepCache does not support pipeline {type(pipeline).__name__}; supported pipelines: "
+                f"{sorted(CUSTOM_STEPCACHE_ENABLERS)} (register an enabler in CUSTOM_STEPCACHE_ENABLERS, "
+                "or use stepcache.integrations.diffusers.apply_step_cache for diffusers pipelines)"
+            )
+        enabler(pipeline, self.config)
+        self.enabled = True
+        logger.debug("stepcache enabled on %s: %s", type(pipeline).__name__, get_stepcache_config(pipeline))
+
+    def refresh(self, pipeline: Any, num_inference_steps: int, verbose: bool = True) -> None:
+        state = get_stepcache_state(pipeline)
+        if state is None:
+            raise RuntimeError(
+                f"{type(pipeline).__name__} has no StepCache state: call StepCacheBackend.enable(pipeline) first"
+            )
+        if state.trace and verbose:
+            logger.info("%s (previous generation)", state.summary())
+        state.reset()
+        if verbose:
+            logger.debug("stepcache refreshed for %d steps", num_inference_steps)
+
+
+def get_stepcache_config(pipeline: Any) -> StepCacheConfig | None:
+    """The pipeline's StepCache config, or None when absent or not a StepCacheConfig."""
+    config = getattr(pipeline, STEP_CACHE_CONFIG_ATTR, None)
+    return config if isinstance(config, StepCacheConfig) else None
+
+
+def get_stepcache_state(pipeline: Any) -> StepCacheState | None:
+    """The pipeline's StepCache state, or None when absent or not a StepCacheState."""
+    state = getattr(pipeline, STEP_CACHE_STATE_ATTR, None)
+    return state if isinstance(state, StepCacheState) else None
+
+
+def is_stepcache_active(pipeline: Any) -> bool:
+    """True when the pipeline carries an enabled StepCache config and its state."""
+    config = get_stepcache_config(pipeline)
+    return config is not None and config.enabled and get_stepcache_state(pipeline) is not None

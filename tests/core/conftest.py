@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+import pytest
+
+from stepcache import StepCacheConfig
+
+
+@pytest.fixture
+def default_config() -> StepCacheConfig:
+    return StepCacheConfig()

@@ -1,0 +1,118 @@
+"""VelocityCache: the loop helper makes exactly the decisions of should_run_step."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stepcache import StepCacheConfig, StepCacheState, VelocityCache
+
+
+def _velocities(seed: int, n: int, noise: float) -> list[torch.Tensor]:
+    """A drifting sequence of velocities: consecutive cosines vary with `noise`."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(2, 3, 8, generator=g)
+    out = []
+    for _ in range(n):
+        base = base + noise * torch.randn(base.shape, generator=g)
+        out.append(base.clone())
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 30),
+    noise=st.sampled_from([0.05, 0.2, 0.35, 0.6]),
+    thresholds=st.sampled_from([((0.95, 0.93), (4, 2)), ((0.99, 0.9, 0.5), (3, 2, 1)), ((), ())]),
+)
+def test_same_decisions_as_should_run_step(seed, n, noise, thresholds):
+    config = StepCacheConfig(sim_thresholds=thresholds[0], skip_countdowns=thresholds[1])
+    velocities = _velocities(seed, n, noise)
+
+    # reference: the seed's loop, written out by hand
+    state = StepCacheState(config)
+    history: list[tuple[torch.Tensor]] = []
+    expected, expected_outputs = [], []
+    for v in velocities:
+        ran = state.should_run_step(history)
+        if ran:
+            history.append((v,))
+            state.trim_history(history)
+        expected.append(ran)
+        expected_outputs.append(history[-1][0])
+
+    cache = VelocityCache(config)
+    got, outputs = [], []
+    for v in velocities:
+        outputs.append(cache.step(lambda v=v: v))
+        got.append(cache.ran_last_step)
+    assert got == expected
+    assert all(a is b for a, b in zip(outputs, expected_outputs))
+    assert [r.similarity for r in cache.state.trace] == [r.similarity for r in state.trace]
+
+
+def test_skipped_steps_return_the_whole_cached_tuple_without_calling():
+    cache = VelocityCache(StepCacheConfig(sim_thresholds=(-0.99,), skip_countdowns=(4,)))
+    calls = []
+
+    def model(i):
+        calls.append(i)
+        return (torch.full((1, 2), float(i + 1)), torch.full((1, 3), -float(i + 1)))
+
+    results = [cache.step(lambda i=i: model(i)) for i in range(16)]
+    assert calls == [0, 1, 6, 11]
+    assert results[5] is results[1] and results[10] is results[6]
+    assert isinstance(results[3], tuple) and torch.equal(results[3][1], torch.full((1, 3), -2.0))
+
+
+def test_clone_outputs_protects_against_reused_buffers():
+    buffer = torch.zeros(1, 4)
+
+    def model():  # returns a buffer that its next call overwrites, like a CUDA graph
+        buffer.add_(1.0)
+        return buffer
+
+    cache = VelocityCache(StepCacheConfig(sim_thresholds=(-0.99,), skip_countdowns=(2,)), clone_outputs=True)
+    first = cache.step(model)
+    second = cache.step(model)
+    assert first is not buffer and float(first[0, 0]) == 1.0 and float(second[0, 0]) == 2.0
+    assert float(cache.step(model)[0, 0]) == 2.0  # skipped: the clone, untouched by later writes
+
+
+def test_reset_starts_a_new_generation():
+    cache = VelocityCache(StepCacheConfig(sim_thresholds=(-0.99,), skip_countdowns=(4,)))
+    for _ in range(3):
+        cache.step(lambda: torch.ones(1, 2))
+    assert cache.state.skip_countdown > 0
+    cache.reset()
+    assert cache.history == [] and cache.state.trace == [] and cache.state.skip_countdown == 0
+    cache.step(lambda: torch.ones(1, 2))
+    assert cache.ran_last_step
+
+
+def test_readme_euler_loop_runs_and_skips():
+    """The README's example: a plain flow-matching Euler loop on an analytic velocity field."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 8)
+    sigmas = torch.linspace(1.0, 0.0, 17)
+
+    def model(x, sigma):  # exact velocity of the straight path to x0: v = (x - x0) / sigma
+        return (x - x0) / sigma
+
+    def sample(cache):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+        cache.reset()
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = cache.step(lambda x=x, sigma=sigma: model(x, sigma))
+            x = x + (sigma_next - sigma) * v
+        return x
+
+    cached = VelocityCache()
+    full = VelocityCache(StepCacheConfig(enabled=False))
+    out_cached, out_full = sample(cached), sample(full)
+    assert full.state.computed_steps == 16
+    # straight paths give perfectly aligned velocities: the seed's 4-of-16 schedule, and still exact
+    assert cached.state.run_steps == [0, 1, 6, 11]
+    assert torch.allclose(out_cached, out_full, atol=1e-5)
