@@ -27,7 +27,12 @@ from stepcache.backend import (
     get_stepcache_state,
     is_stepcache_active,
 )
-from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
+from stepcache.config import (
+    DREAMZERO_STATIC_RUN_STEPS,
+    DiffusionCacheConfig,
+    StepCacheConfig,
+    as_diffusion_cache_config,
+)
 from stepcache.loop import VelocityCache
 from stepcache.selector import CACHE_BACKEND_ENV, STEP_CACHE_BACKEND_NAMES, get_cache_backend
 from stepcache.state import (
@@ -68,6 +73,7 @@ __all__ = [
     "CACHE_BACKEND_ENV",
     "CUSTOM_STEPCACHE_ENABLERS",
     "CUSTOM_STEP_CACHE_DIT_ENABLERS",
+    "DREAMZERO_STATIC_RUN_STEPS",
     "STEP_CACHE_BACKEND_NAMES",
     "STEP_CACHE_CONFIG_ATTR",
     "STEP_CACHE_DIT_CONFIG_ATTR",

@@ -20,6 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# The fixed 8-of-16 schedule DreamZero's released inference code uses when its adaptive rule is off.
+DREAMZERO_STATIC_RUN_STEPS = (0, 1, 2, 6, 10, 13, 14, 15)
+
 
 @dataclass(frozen=True)
 class _FieldNames:
@@ -30,6 +33,7 @@ class _FieldNames:
     max_history: str
     thresholds: str
     countdowns: str
+    static_steps: str
 
 
 _RUNTIME_NAMES = _FieldNames(
@@ -38,6 +42,7 @@ _RUNTIME_NAMES = _FieldNames(
     max_history="max_history",
     thresholds="sim_thresholds",
     countdowns="skip_countdowns",
+    static_steps="static_run_steps",
 )
 _USER_NAMES = _FieldNames(
     enabled="step_cache_dit_enabled",
@@ -45,6 +50,7 @@ _USER_NAMES = _FieldNames(
     max_history="step_cache_dit_max_history",
     thresholds="velocity_sim_thresholds",
     countdowns="velocity_skip_countdowns",
+    static_steps="step_cache_dit_static_steps",
 )
 
 
@@ -65,7 +71,8 @@ def _validated(
     max_history: Any,
     thresholds: Any,
     countdowns: Any,
-) -> tuple[bool, int, int, tuple[float, ...], tuple[int, ...]]:
+    static_steps: Any,
+) -> tuple[bool, int, int, tuple[float, ...], tuple[int, ...], tuple[int, ...] | None]:
     """Check one config's values; return them normalised (tuples, floats, ints)."""
     if not isinstance(enabled, bool):
         raise ValueError(f"{names.enabled} must be True or False, got {enabled!r}")
@@ -106,12 +113,23 @@ def _validated(
                 f"{names.countdowns}[{i}] must be an integer >= 1 (the number of steps to skip), "
                 f"got {countdown!r}"
             )
+    if static_steps is not None:
+        static_steps = _as_sequence(names.static_steps, static_steps)
+        if not all(_is_int(step) and step >= 0 for step in static_steps):
+            raise ValueError(f"{names.static_steps} must hold step indices >= 0, got {list(static_steps)}")
+        if 0 not in static_steps:
+            raise ValueError(
+                f"{names.static_steps} must include step 0 (there is nothing to reuse before the first "
+                f"computed step), got {list(static_steps)}"
+            )
+        static_steps = tuple(sorted({int(step) for step in static_steps}))
     return (
         enabled,
         int(min_history),
         int(max_history),
         tuple(float(t) for t in thresholds),
         tuple(int(c) for c in countdowns),
+        static_steps,
     )
 
 
@@ -131,6 +149,10 @@ class StepCacheConfig:
         sim_thresholds: strictly descending cosine thresholds in (-1, 1]. The similarity is clamped
             to [-1, 1], so a threshold of 1.0 can never fire.
         skip_countdowns: steps skipped when the matching threshold fires (>= 1 each).
+        static_run_steps: not in the seed; None (the default) uses the rule above. A set of step
+            indices (including 0) replaces the rule with a fixed schedule: exactly those steps run,
+            every other step reuses the last computed velocity (DreamZero's released code ships
+            the mask (0, 1, 2, 6, 10, 13, 14, 15) for 16 steps).
 
     Example:
         >>> StepCacheConfig(sim_thresholds=(0.97,), skip_countdowns=(2,)).skip_countdowns
@@ -142,6 +164,7 @@ class StepCacheConfig:
     max_history: int = 2
     sim_thresholds: tuple[float, ...] = (0.95, 0.93)
     skip_countdowns: tuple[int, ...] = (4, 2)
+    static_run_steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         values = _validated(
@@ -151,15 +174,14 @@ class StepCacheConfig:
             self.max_history,
             self.sim_thresholds,
             self.skip_countdowns,
+            self.static_run_steps,
         )
-        for name, value in zip(
-            ("enabled", "min_history_steps", "max_history", "sim_thresholds", "skip_countdowns"), values
-        ):
-            object.__setattr__(self, name, value)
+        for f, value in zip(dataclasses.fields(self), values, strict=True):
+            object.__setattr__(self, f.name, value)
 
     @property
     def max_consecutive_skips(self) -> int:
-        """The longest run of skipped steps this config can produce (0 when it cannot skip)."""
+        """The longest run of skipped steps the similarity rule can produce (0 when it cannot skip)."""
         return max(self.skip_countdowns, default=0) if self.enabled else 0
 
     @classmethod
@@ -174,6 +196,7 @@ class StepCacheConfig:
             config.step_cache_dit_max_history,
             config.velocity_sim_thresholds,
             config.velocity_skip_countdowns,
+            config.step_cache_dit_static_steps,
         )
         return cls(*values)
 
@@ -185,6 +208,7 @@ class StepCacheConfig:
             velocity_skip_countdowns=list(self.skip_countdowns),
             step_cache_dit_min_history=self.min_history_steps,
             step_cache_dit_max_history=self.max_history,
+            step_cache_dit_static_steps=None if self.static_run_steps is None else list(self.static_run_steps),
         )
 
 
@@ -206,18 +230,22 @@ class DiffusionCacheConfig:
     velocity_skip_countdowns: list[int] = field(default_factory=lambda: [4, 2])
     step_cache_dit_min_history: int = 2
     step_cache_dit_max_history: int = 2
+    # Not a vLLM-Omni field: a fixed schedule instead of the rule (see StepCacheConfig.static_run_steps).
+    step_cache_dit_static_steps: list[int] | None = None
 
     def __post_init__(self) -> None:
-        _, _, _, thresholds, countdowns = _validated(
+        _, _, _, thresholds, countdowns, static_steps = _validated(
             _USER_NAMES,
             self.step_cache_dit_enabled,
             self.step_cache_dit_min_history,
             self.step_cache_dit_max_history,
             self.velocity_sim_thresholds,
             self.velocity_skip_countdowns,
+            self.step_cache_dit_static_steps,
         )
         self.velocity_sim_thresholds = list(thresholds)
         self.velocity_skip_countdowns = list(countdowns)
+        self.step_cache_dit_static_steps = None if static_steps is None else list(static_steps)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -12,7 +12,8 @@ per scheduler step, in this order:
    ``skip_countdowns[i]`` and skip this step; no match -> run.
 
 A countdown of ``c`` therefore gives ``c`` consecutive skips, then one run. A non-finite ``s``
-fails every comparison, so the step runs.
+fails every comparison, so the step runs. A config with ``static_run_steps`` replaces steps 2-5 with
+a fixed schedule (run exactly at those step indices).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ REFRESH = "refresh"  # forced run that ends a skip window
 SIMILAR = "similar"  # similarity above a threshold: skip window starts
 DISSIMILAR = "dissimilar"  # similarity at or below every threshold
 NON_FINITE = "non_finite"  # similarity NaN or infinite: run
+STATIC = "static"  # decided by the config's fixed schedule (static_run_steps)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,13 @@ def decide(
     skip_countdown: int,
     history_length: int,
     similarity: Callable[[], float],
+    step: int = 0,
 ) -> StepDecision:
-    """Apply the rule to one step. ``similarity`` is called only where the rule needs it."""
+    """Apply the rule to step ``step``. ``similarity`` is called only where the rule needs it."""
     if not config.enabled:
         return StepDecision(True, DISABLED, skip_countdown)
+    if config.static_run_steps is not None:
+        return StepDecision(step in config.static_run_steps, STATIC, 0)
     if history_length < config.min_history_steps:
         return StepDecision(True, WARMUP, skip_countdown)
     if skip_countdown > 1:
@@ -109,8 +114,8 @@ def simulate_schedule(config: StepCacheConfig, similarities: Sequence[float]) ->
     """
     runs: list[bool] = []
     countdown, history_length = 0, 0
-    for sim in similarities:
-        decision = decide(config, countdown, history_length, lambda s=sim: s)
+    for step, sim in enumerate(similarities):
+        decision = decide(config, countdown, history_length, lambda s=sim: s, step)
         countdown = decision.skip_countdown
         if decision.run:
             history_length = min(history_length + 1, config.max_history)
@@ -166,9 +171,9 @@ class StepCacheState:
         def similarity() -> float:
             return velocity_similarity(prev_predictions[-1][0], prev_predictions[-2][0])
 
-        decision = decide(self.config, self.skip_countdown, len(prev_predictions), similarity)
-        self.skip_countdown = decision.skip_countdown
         step = len(self.trace)
+        decision = decide(self.config, self.skip_countdown, len(prev_predictions), similarity, step)
+        self.skip_countdown = decision.skip_countdown
         self.trace.append(StepRecord(step, decision.run, decision.reason, decision.similarity))
         if decision.reason == NON_FINITE and not self._warned_non_finite:
             self._warned_non_finite = True

@@ -134,3 +134,18 @@ def test_edge_values_that_are_allowed():
     StepCacheConfig(min_history_steps=5, max_history=5)
     assert StepCacheConfig(sim_thresholds=(), skip_countdowns=()).max_consecutive_skips == 0
     assert StepCacheConfig(enabled=False).max_consecutive_skips == 0
+
+
+def test_static_run_steps_validation_and_translation():
+    config = StepCacheConfig(static_run_steps=[6, 0, 1, 1])
+    assert config.static_run_steps == (0, 1, 6)
+    user = config.to_diffusion_cache_config()
+    assert user.step_cache_dit_static_steps == [0, 1, 6]
+    assert StepCacheConfig.from_diffusion_cache_config(user) == config
+    assert DiffusionCacheConfig.from_dict({"step_cache_dit_static_steps": [0, 2]}).step_cache_dit_static_steps == [0, 2]
+    with pytest.raises(ValueError, match=r"static_run_steps must include step 0.*\[1, 2\]"):
+        StepCacheConfig(static_run_steps=(1, 2))
+    with pytest.raises(ValueError, match=r"step_cache_dit_static_steps must hold step indices >= 0"):
+        DiffusionCacheConfig(step_cache_dit_static_steps=[0, -1])
+    with pytest.raises(ValueError, match="static_run_steps must hold step indices"):
+        StepCacheConfig(static_run_steps=(0, 1.5))

@@ -224,3 +224,24 @@ def test_state_needs_a_step_cache_config():
     with pytest.raises(TypeError, match="StepCacheConfig"):
         StepCacheState({"sim_thresholds": (0.9,)})
     assert StepCacheState().config == StepCacheConfig()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    steps=st.sets(st.integers(1, 20)).map(lambda s: (0, *sorted(s))),
+    sims=st.lists(similarity_values, min_size=1, max_size=25),
+)
+def test_static_run_steps_replace_the_rule(steps, sims):
+    config = StepCacheConfig(static_run_steps=steps)
+    runs, state = drive_state(config, sims)
+    assert [i for i, ran in enumerate(runs) if ran] == [s for s in steps if s < len(sims)]
+    assert all(record.similarity is None for record in state.trace)
+
+
+def test_dreamzero_released_mask():
+    from stepcache import DREAMZERO_STATIC_RUN_STEPS
+
+    config = StepCacheConfig(static_run_steps=DREAMZERO_STATIC_RUN_STEPS)
+    assert schedule_string(simulate_schedule(config, [0.0] * 16)) == "RRR...R...R..RRR"
+    # disabled still wins: every step runs
+    assert all(simulate_schedule(StepCacheConfig(enabled=False, static_run_steps=(0,)), [0.0] * 5))
