@@ -128,7 +128,49 @@ def schedule_string(runs: Sequence[bool]) -> str:
     return "".join("R" if ran else "." for ran in runs)
 
 
-class StepCacheState:
+class TraceSummary:
+    """Read-only views of a per-step decision ``trace`` (a sequence of :class:`StepRecord`)."""
+
+    trace: Sequence[StepRecord]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.trace)
+
+    @property
+    def computed_steps(self) -> int:
+        return sum(record.ran for record in self.trace)
+
+    @property
+    def skipped_steps(self) -> int:
+        return len(self.trace) - self.computed_steps
+
+    @property
+    def run_steps(self) -> list[int]:
+        """Indices of the steps whose forward ran."""
+        return [record.step for record in self.trace if record.ran]
+
+    @property
+    def similarities(self) -> list[float | None]:
+        """Per step: the similarity the rule computed there, or None where it needed none."""
+        return [record.similarity for record in self.trace]
+
+    @property
+    def schedule(self) -> str:
+        """``RR....R....R....``: R = computed step, . = reused."""
+        return schedule_string([record.ran for record in self.trace])
+
+    def summary(self) -> str:
+        """One line: computed/total steps, the schedule, and the similarity range seen."""
+        seen = [s for s in self.similarities if s is not None and math.isfinite(s)]
+        sims = f", similarity {min(seen):.4f}..{max(seen):.4f}" if seen else ""
+        return (
+            f"stepcache: {self.computed_steps}/{self.num_steps} steps computed, {self.skipped_steps} skipped "
+            f"[{self.schedule}]{sims}"
+        )
+
+
+class StepCacheState(TraceSummary):
     """Per-generation mutable state: the skip countdown and a trace of every decision.
 
     Call :meth:`reset` before each generation (the backends' ``refresh`` does), then
@@ -189,34 +231,6 @@ class StepCacheState:
         excess = len(prev_predictions) - self.config.max_history
         if excess > 0:
             del prev_predictions[:excess]
-
-    @property
-    def computed_steps(self) -> int:
-        return sum(record.ran for record in self.trace)
-
-    @property
-    def skipped_steps(self) -> int:
-        return len(self.trace) - self.computed_steps
-
-    @property
-    def run_steps(self) -> list[int]:
-        """Indices of the steps whose forward ran in the current generation."""
-        return [record.step for record in self.trace if record.ran]
-
-    @property
-    def similarities(self) -> list[float | None]:
-        """Per step: the similarity the rule computed there, or None."""
-        return [record.similarity for record in self.trace]
-
-    def summary(self) -> str:
-        """One line: computed/total steps, the schedule, and the similarity range seen."""
-        total = len(self.trace)
-        seen = [s for s in self.similarities if s is not None and math.isfinite(s)]
-        sims = f", similarity {min(seen):.4f}..{max(seen):.4f}" if seen else ""
-        return (
-            f"stepcache: {self.computed_steps}/{total} steps computed, {self.skipped_steps} skipped "
-            f"[{schedule_string([r.ran for r in self.trace])}]{sims}"
-        )
 
     def __repr__(self) -> str:
         return f"StepCacheState(skip_countdown={self.skip_countdown}, steps={len(self.trace)}, config={self.config})"

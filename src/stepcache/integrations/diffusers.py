@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from typing import Any
 import torch
 
 from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
-from stepcache.state import StepCacheState, StepRecord, schedule_string
+from stepcache.state import StepCacheState, StepRecord, TraceSummary
 
 try:
     import diffusers
@@ -91,7 +90,7 @@ _SAME_STEP = "branch"
 
 
 @dataclass(frozen=True)
-class StepCacheStats:
+class StepCacheStats(TraceSummary):
     """What StepCache did in the last (or the current) generation.
 
     Attributes:
@@ -107,40 +106,8 @@ class StepCacheStats:
     forwards: int
     reused_outputs: int
 
-    @property
-    def num_steps(self) -> int:
-        return len(self.trace)
-
-    @property
-    def computed_steps(self) -> int:
-        return sum(record.ran for record in self.trace)
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.num_steps - self.computed_steps
-
-    @property
-    def run_steps(self) -> list[int]:
-        """Indices of the steps whose forwards ran."""
-        return [record.step for record in self.trace if record.ran]
-
-    @property
-    def similarities(self) -> list[float | None]:
-        """Per step, the similarity the rule computed there (None at warm-up and countdown steps)."""
-        return [record.similarity for record in self.trace]
-
-    @property
-    def schedule(self) -> str:
-        """``RR....R....R....``: R = computed step, . = reused."""
-        return schedule_string([record.ran for record in self.trace])
-
     def summary(self) -> str:
-        seen = [s for s in self.similarities if s is not None and math.isfinite(s)]
-        sims = f", similarity {min(seen):.4f}..{max(seen):.4f}" if seen else ""
-        return (
-            f"stepcache: {self.computed_steps}/{self.num_steps} steps computed, {self.skipped_steps} skipped "
-            f"[{self.schedule}], {self.forwards} forwards, {self.reused_outputs} reused outputs{sims}"
-        )
+        return f"{super().summary()}; {self.forwards} forwards, {self.reused_outputs} reused outputs"
 
 
 @dataclass
