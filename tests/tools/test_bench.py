@@ -13,9 +13,15 @@ from stepcache.tools.benchmark.oracle import search_schedules
 from stepcache.tools.benchmark.report import benchmark_json, markdown_table, plot_fidelity
 from stepcache.tools.benchmark.suite import run_benchmark, scaled_static_mask
 from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
-from tests.tools.tiny_models import tiny_wan_digits
+from tests.tools.tiny_models import single_thread, tiny_wan_digits
 
 PEERS = {"first_block_cache", "mag_cache", "taylorseer_cache", "pyramid_attention_broadcast", "faster_cache"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

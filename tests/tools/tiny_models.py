@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,3 +34,14 @@ def tiny_wan_digits(folder: Path, seed: int = 0):
     embeddings = build_class_embeddings({"num_classes": 10, "tokens_per_class": 2}, TINY_WAN_CONFIG["text_dim"])
     save_wan_digits(folder, transformer, embeddings)
     return load_wan_digits(folder)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny tensors run fastest on one thread, and extra threads spin badly on a loaded machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
