@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -23,11 +24,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _available_subcommands() -> dict[str, tuple[str, str]]:
+    """The subcommands whose module is part of this installation (some land in later releases)."""
+    return {name: entry for name, entry in SUBCOMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepcache", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, (module_name, help_text) in _available_subcommands().items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
         # Arguments are added lazily (below) so that --help of one tool imports only that tool.
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     # Parse the subcommand first (without --help, which would exit before the tool's own arguments
     # exist), then let its module declare its arguments and parse for real.
-    if not any(arg in SUBCOMMANDS for arg in argv):
+    if not any(arg in _available_subcommands() for arg in argv):
         parser.parse_args(argv)  # prints top-level help or the usage error, and exits
     known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     module = importlib.import_module(known._module)
