@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -22,7 +23,8 @@ TRAINERS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", choices=sorted(TRAINERS), help="which bundled model to train")
+    available = sorted(name for name, module in TRAINERS.items() if importlib.util.find_spec(module) is not None)
+    parser.add_argument("model", choices=available, help="which bundled model to train")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the bundled weights)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0, as shipped)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as shipped)")
