@@ -26,7 +26,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def _available_subcommands() -> dict[str, tuple[str, str]]:
     """The subcommands whose module is part of this installation (some land in later releases)."""
-    return {name: entry for name, entry in SUBCOMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
+    return {name: entry for name, entry in SUBCOMMANDS.items() if module_exists(entry[0])}
+
+
+def module_exists(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (its parents may be missing too)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _build_parser() -> argparse.ArgumentParser:

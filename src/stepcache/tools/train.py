@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 from pathlib import Path
+
+from stepcache.tools.cli import module_exists
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ TRAINERS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    available = sorted(name for name, module in TRAINERS.items() if importlib.util.find_spec(module) is not None)
+    available = sorted(name for name, module in TRAINERS.items() if module_exists(module))
     parser.add_argument("model", choices=available, help="which bundled model to train")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the bundled weights)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0, as shipped)")
