@@ -115,6 +115,13 @@ def get_stepcache_state(pipeline: Any) -> StepCacheState | None:
     return state if isinstance(state, StepCacheState) else None
 
 
+def disable_stepcache(pipeline: Any) -> None:
+    """Take StepCache off ``pipeline`` (its next generation runs every step); a no-op where it is absent."""
+    for attr in (STEP_CACHE_CONFIG_ATTR, STEP_CACHE_STATE_ATTR):
+        if attr in vars(pipeline):
+            delattr(pipeline, attr)
+
+
 def is_stepcache_active(pipeline: Any) -> bool:
     """True when the pipeline carries an enabled StepCache config and its state."""
     config = get_stepcache_config(pipeline)

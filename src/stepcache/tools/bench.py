@@ -20,8 +20,7 @@ from stepcache.tools.benchmark.suite import run_benchmark
 
 logger = logging.getLogger(__name__)
 
-# dreamzero-mini joins when its benchmark target exists (see docs/benchmarks.md).
-MODELS = ("wan-digits",)
+MODELS = ("wan-digits", "dreamzero-mini")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_target(model: str, *, quick: bool, seed: int) -> BenchTarget:
     """The bundled model as a benchmark target (imports only what that model needs)."""
-    if model != "wan-digits":
+    if model not in MODELS:
         raise ValueError(f"no benchmark target for model {model!r}; available: {list(MODELS)}")
+    if model == "dreamzero-mini":
+        from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
+        from stepcache.tools.benchmark.dreamzero_target import DreamZeroTarget
+
+        return DreamZeroTarget(
+            DreamZeroPipeline.from_pretrained(model),
+            episodes=2 if quick else 8,
+            closed_loop_episodes=4 if quick else 30,
+            seed=seed,
+        )
     from stepcache.models.wan_digits import load_wan_digits
     from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 

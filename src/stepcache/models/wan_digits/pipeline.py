@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stepcache.models.checkpoint import load_checked_state, read_safetensors
 from stepcache.models.wan_digits.data import IMAGE_SIZE, NUM_CLASSES, latents_to_pixels
 
 logger = logging.getLogger(__name__)
@@ -244,10 +245,12 @@ def save_wan_digits(
     return out_dir
 
 
+def _recreate_hint(path: Path) -> str:
+    return f"recreate the weights with `stepcache train wan-digits --out {path.parent}`"
+
+
 def _missing(path: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{path}: missing; recreate the weights with `stepcache train wan-digits --out {path.parent}`"
-    )
+    return FileNotFoundError(f"missing {path}: {_recreate_hint(path)}")
 
 
 def _read_config(config_path: Path) -> dict[str, Any]:
@@ -271,41 +274,6 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
-    # safetensors only: no pickle is ever unpickled when loading bundled weights.
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not weights_path.is_file():
-        raise _missing(weights_path)
-    try:
-        return load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights_path}: not a readable safetensors file, truncated or corrupt ({err})") from err
-
-
-def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, weights_path: Path) -> None:
-    expected = module.state_dict()
-    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights_path}: tensors do not match config.json's architecture "
-            f"(missing {[prefix + k for k in missing[:5]]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {[prefix + k for k in unexpected[:5]]}{' ...' if len(unexpected) > 5 else ''})"
-        )
-    for name, tensor in found.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"{weights_path}: tensor {prefix + name!r} has shape {tuple(tensor.shape)}, "
-                f"config.json's architecture needs {tuple(expected[name].shape)}"
-            )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{weights_path}: tensor {prefix + name!r} holds NaN or Inf values")
-    module.load_state_dict(found, strict=True)
-
-
 def load_wan_digits(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> WanDigits:
     """Load wan-digits from a weights folder (default: the bundled one) as a ready ``WanPipeline``.
 
@@ -325,12 +293,12 @@ def load_wan_digits(path: str | Path | None = None, *, device: str | torch.devic
         scheduler = build_scheduler(config["scheduler"])
     except (TypeError, KeyError, ValueError) as err:
         raise ValueError(f"{config_path}: invalid model configuration ({err})") from err
-    tensors = _read_tensors(weights_path)
+    tensors = read_safetensors(weights_path, _recreate_hint(weights_path))
     strangers = sorted(k for k in tensors if not k.startswith(("transformer.", "class_embeddings.")))
     if strangers:
         raise ValueError(f"{weights_path}: unexpected tensors {strangers[:5]} (not a wan-digits checkpoint)")
-    _load_state(transformer, tensors, "transformer.", weights_path)
-    _load_state(class_embeddings, tensors, "class_embeddings.", weights_path)
+    for prefix, module in (("transformer.", transformer), ("class_embeddings.", class_embeddings)):
+        load_checked_state(module, tensors, weights_path, prefix=prefix, config_name=CONFIG_NAME)
     transformer.eval().requires_grad_(False)
     class_embeddings.eval().requires_grad_(False)
     transformer.to(device)

@@ -1,0 +1,315 @@
+"""``stepcache demo``: the bundled DreamZero-style model, closed loop, with StepCache off and on.
+
+For every episode (same world seed and noise seed in both runs) the agent is driven by the model's
+action chunks, replanning every chunk, once without a cache and once with ``step_cache`` (the seed's
+defaults unless ``--cache-config`` says otherwise). A third, open-loop pass replays the uncached
+run's observations through the cached pipeline with the same noise, so the cached run's action
+error and predicted-video PSNR are measured against the uncached outputs on identical inputs.
+
+Prints a table (success rate, DiT forwards per chunk, median latency per chunk, wall-clock speedup,
+action MSE and video PSNR vs the uncached run), and writes into ``--out``: ``episode.png`` (one
+episode's observations, predicted frames and trajectories) and ``similarity.png`` (per-step velocity
+similarity with the skip decisions). ``--json`` writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+RUNS = ("none", "step_cache")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--episodes", type=int, default=100, help="episodes per run (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("stepcache-demo"),
+                        help="folder for episode.png and similarity.png (default ./stepcache-demo)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--model", default="dreamzero-mini",
+                        help="bundled model name or a folder with config.json + model.safetensors")
+    parser.add_argument("--cache-config", default=None,
+                        help="StepCache settings as JSON (DiffusionCacheConfig fields); default: the seed's")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: per-chunk tensors are small)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass
+class EpisodeRecord:
+    """One closed-loop episode of one run."""
+
+    seed: int
+    success: bool
+    chunks: int
+    final_distance: float
+    latencies: list[float] = field(default_factory=list)
+    forwards: list[int] = field(default_factory=list)
+    observations: list[np.ndarray] = field(default_factory=list)  # frame at each chunk start
+    states: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)  # (H, 2) per chunk
+    frames: list[np.ndarray] = field(default_factory=list)  # (F, S, S) predicted per chunk
+    ran: list[list[bool]] = field(default_factory=list)
+    similarity: list[list[float | None]] = field(default_factory=list)
+    trajectory: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    goal: int = 0
+
+
+def run_episode(omni: Any, seed: int, world_config: Any = None) -> EpisodeRecord:
+    """Drive one episode closed loop: observe, generate a chunk, execute it, until done."""
+    from stepcache.models.dreamzero.world import ReachingWorld
+
+    world = ReachingWorld(world_config)
+    frame, state = world.reset(seed)
+    omni.start_episode(seed)
+    record = EpisodeRecord(seed=seed, success=False, chunks=0, final_distance=math.nan)
+    while not world.done:
+        out = omni.generate(frame, world.instruction, state)
+        record.observations.append(frame)
+        record.states.append(state)
+        record.actions.append(out.actions)
+        record.frames.append(out.frames)
+        record.latencies.append(out.stats.latency_s)
+        record.forwards.append(out.stats.dit_forwards)
+        record.ran.append(out.stats.ran)
+        record.similarity.append(out.stats.velocity_similarity)
+        frame, state = world.execute(out.actions)
+    record.success, record.chunks = world.success, world.chunks_done
+    record.final_distance = world.distance_to_goal
+    record.trajectory = np.asarray(world.trajectory)
+    record.targets, record.goal = world.targets.copy(), world.goal
+    return record
+
+
+def replay_episode(omni: Any, reference: EpisodeRecord, instruction: str) -> EpisodeRecord:
+    """Open loop: feed ``reference``'s observations and states, same noise seed; record the outputs."""
+    omni.start_episode(reference.seed)
+    record = EpisodeRecord(seed=reference.seed, success=reference.success, chunks=reference.chunks,
+                           final_distance=reference.final_distance)
+    for frame, state in zip(reference.observations, reference.states):
+        out = omni.generate(frame, instruction, state)
+        record.actions.append(out.actions)
+        record.frames.append(out.frames)
+        record.ran.append(out.stats.ran)
+        record.similarity.append(out.stats.velocity_similarity)
+    return record
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB (inf for identical inputs)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def summarise(records: list[EpisodeRecord]) -> dict[str, Any]:
+    latencies = [t for r in records for t in r.latencies]
+    forwards = [f for r in records for f in r.forwards]
+    return {
+        "success_rate": float(np.mean([r.success for r in records])),
+        "chunks": len(latencies),
+        "chunks_per_episode": float(np.mean([r.chunks for r in records])),
+        "dit_forwards_per_chunk": float(np.mean(forwards)),
+        "latency_per_chunk_s": float(np.median(latencies)),
+        "mean_latency_per_chunk_s": float(np.mean(latencies)),
+        "mean_final_distance": float(np.mean([r.final_distance for r in records])),
+    }
+
+
+def fidelity(reference: list[EpisodeRecord], replayed: list[EpisodeRecord], action_scale: float) -> dict[str, float]:
+    """Action MSE (in units of the largest move, i.e. model units) and mean per-chunk video PSNR."""
+    action_errors, psnrs = [], []
+    for ref, rep in zip(reference, replayed):
+        for a_ref, a_rep, f_ref, f_rep in zip(ref.actions, rep.actions, ref.frames, rep.frames):
+            action_errors.append(float(np.mean(((a_ref - a_rep) / action_scale) ** 2)))
+            psnrs.append(psnr(f_ref, f_rep))
+    finite = [p for p in psnrs if math.isfinite(p)]
+    return {
+        "action_mse_vs_none": float(np.mean(action_errors)),
+        "video_psnr_vs_none": float(np.mean(finite)) if finite else math.inf,
+        "identical_chunks": int(len(psnrs) - len(finite)),
+    }
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    header = ("run", "success", "DiT fwd/chunk", "median latency/chunk", "speedup", "action MSE vs none",
+              "video PSNR vs none")
+    rows = [header]
+    for name in RUNS:
+        r = results[name]
+        rows.append((
+            name,
+            f"{100 * r['success_rate']:.0f}%",
+            f"{r['dit_forwards_per_chunk']:.2f} / {r['num_inference_steps']}",
+            f"{1000 * r['latency_per_chunk_s']:.1f} ms",
+            f"{r.get('speedup', 1.0):.2f}x",
+            "-" if name == "none" else f"{r['action_mse_vs_none']:.4f}",
+            "-" if name == "none" else f"{r['video_psnr_vs_none']:.1f} dB",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success_radius: float) -> None:
+    """Observations and predicted frames per chunk (both runs), and both trajectories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stepcache.models.dreamzero.world import TARGET_KINDS
+
+    columns = max(none.chunks, cached.chunks)
+    fig = plt.figure(figsize=(2.0 * (columns * 1.6 + 3), 7.2))
+    grid = fig.add_gridspec(4, columns * 2 + 3)
+    for row, (record, name) in enumerate(((none, "none"), (cached, "step_cache"))):
+        for c in range(record.chunks):
+            ax = fig.add_subplot(grid[2 * row, 2 * c : 2 * c + 2])
+            ax.imshow(record.observations[c], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{name}: obs chunk {c}", fontsize=7)
+            ax.axis("off")
+            ax = fig.add_subplot(grid[2 * row + 1, 2 * c])
+            ax.imshow(record.frames[c][0], cmap="gray", vmin=0, vmax=1)
+            ax.set_title("pred +4", fontsize=6)
+            ax.axis("off")
+            ax = fig.add_subplot(grid[2 * row + 1, 2 * c + 1])
+            ax.imshow(record.frames[c][-1], cmap="gray", vmin=0, vmax=1)
+            ax.set_title("pred +8", fontsize=6)
+            ax.axis("off")
+    ax = fig.add_subplot(grid[:, columns * 2 :])
+    for index, (x, y) in enumerate(none.targets):
+        ax.scatter([x], [y], marker="s" if index == 0 else ("P" if index == 1 else "o"), s=120,
+                   facecolors="none" if index == 2 else "grey", edgecolors="k")
+        ax.annotate(TARGET_KINDS[index] + (" (goal)" if index == none.goal else ""), (x, y), fontsize=8,
+                    xytext=(5, 5), textcoords="offset points")
+    goal = none.targets[none.goal]
+    ax.add_patch(plt.Circle(tuple(goal), success_radius, fill=False, ls=":", color="g"))
+    for record, name in ((none, "none"), (cached, "step_cache")):
+        outcome = "reached" if record.success else "missed"
+        ax.plot(record.trajectory[:, 0], record.trajectory[:, 1], ".-", ms=3, label=f"{name} ({outcome})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)  # image convention: y grows downwards
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"episode seed {none.seed}: trajectories")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_similarity(
+    path: Path, none: list[EpisodeRecord], replayed: list[EpisodeRecord], thresholds: tuple[float, ...]
+) -> None:
+    """Left: per-step cosine of successive computed video velocities in the uncached run (every chunk,
+    faint; first chunk of episode 0 bold) with the thresholds. Right: per step, the share of chunks in
+    which the cached run computed the forward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for record in none:
+        for sims in record.similarity:
+            xs = [i for i, s in enumerate(sims) if s is not None]
+            left.plot(xs, [sims[i] for i in xs], color="tab:blue", alpha=0.08, lw=0.8)
+    first = none[0].similarity[0]
+    xs = [i for i, s in enumerate(first) if s is not None]
+    left.plot(xs, [first[i] for i in xs], "o-", color="tab:blue", lw=1.5, ms=3, label="uncached, one chunk")
+    ran = replayed[0].ran[0]
+    for i, r in enumerate(ran):
+        left.axvspan(i - 0.5, i + 0.5, color="tab:green" if r else "tab:red", alpha=0.12, lw=0)
+    for threshold in thresholds:
+        left.axhline(threshold, ls="--", color="k", lw=0.8)
+    left.set_xlabel("denoising step (shade: cached run, green = computed, red = reused)")
+    left.set_ylabel("cos(v_i, v_prev computed)")
+    left.set_title("video velocity similarity")
+    left.legend(fontsize=8, loc="lower left")
+    runs = np.array([r for record in replayed for r in record.ran], dtype=float)
+    right.bar(np.arange(runs.shape[1]), runs.mean(axis=0), color="tab:green")
+    right.set_ylim(0, 1.05)
+    right.set_xlabel("denoising step")
+    right.set_ylabel("share of chunks computed")
+    right.set_title(f"step_cache decisions over {runs.shape[0]} chunks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from stepcache.config import StepCacheConfig, as_diffusion_cache_config
+    from stepcache.models.dreamzero.world import INSTRUCTIONS, WorldConfig
+    from stepcache.omni import Omni
+
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache_config = as_diffusion_cache_config(args.cache_config)
+    start = time.perf_counter()
+    omni = {"none": Omni(args.model, cache_backend=None),
+            "step_cache": Omni(args.model, cache_backend="step_cache", cache_config=cache_config)}
+    action_scale = omni["none"].pipeline.transformer.config.action_scale
+    records: dict[str, list[EpisodeRecord]] = {name: [] for name in RUNS}
+    replayed: list[EpisodeRecord] = []
+    bar = tqdm(range(args.episodes), desc="demo episodes", unit="ep", disable=args.no_progress)
+    for index in bar:
+        seed = args.seed + index
+        # Interleave the runs per episode so that load changes on a shared machine hit both alike.
+        for name in RUNS:
+            records[name].append(run_episode(omni[name], seed))
+        reference = records["none"][-1]
+        replayed.append(replay_episode(omni["step_cache"], reference, INSTRUCTIONS[reference.goal]))
+        bar.set_postfix({name: f"{sum(r.success for r in records[name])}/{index + 1}" for name in RUNS})
+    bar.close()
+
+    results = {name: summarise(records[name]) for name in RUNS}
+    steps = omni["none"].num_inference_steps
+    for name in RUNS:
+        results[name]["num_inference_steps"] = steps
+    results["step_cache"].update(fidelity(records["none"], replayed, action_scale))
+    results["step_cache"]["speedup"] = results["none"]["latency_per_chunk_s"] / results["step_cache"][
+        "latency_per_chunk_s"]
+    results["step_cache"]["cache_config"] = cache_config.to_dict()
+    results["step_cache"]["replay_dit_forwards_per_chunk"] = float(
+        np.mean([sum(r) for rec in replayed for r in rec.ran]))
+    results["none"]["speedup"] = 1.0
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_episode(out_dir / "episode.png", records["none"][0], records["step_cache"][0], WorldConfig().success_radius)
+    thresholds = StepCacheConfig.from_diffusion_cache_config(cache_config).sim_thresholds
+    plot_similarity(out_dir / "similarity.png", records["none"], replayed, thresholds)
+    elapsed = time.perf_counter() - start
+
+    last_seed = args.seed + args.episodes - 1
+    print(f"stepcache demo: {args.model}, {args.episodes} episodes (seeds {args.seed}..{last_seed}), "
+          f"{steps} denoising steps per chunk, {elapsed:.0f} s")
+    print(format_table(results))
+    print(f"speedup ceiling 16/forwards: {steps / results['step_cache']['dit_forwards_per_chunk']:.2f}x; "
+          f"action MSE in units of the largest move; PSNR over predicted frames in [0, 1], same inputs and noise")
+    print(f"wrote {out_dir / 'episode.png'} and {out_dir / 'similarity.png'}")
+    if args.json is not None:
+        payload = {"model": str(args.model), "episodes": args.episodes, "seed": args.seed,
+                   "elapsed_s": elapsed, "torch_threads": torch.get_num_threads(), "runs": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from stepcache.models.dreamzero.training import torch_threads
+from stepcache.tools import demo
+from tests.models.dreamzero.tiny import save_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    with torch_threads(1):  # the demo sets the thread count itself; put it back afterwards
+        yield
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    json_path = tmp_path / "demo.json"
+    args = _parse(["--episodes", "1", "--seed", "3", "--out", str(tmp_path / "out"), "--json", str(json_path),
+                   "--model", str(model_dir), "--no-progress"])
+    assert demo.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "| run" in printed and "step_cache" in printed and "speedup" in printed
+    assert (tmp_path / "out" / "episode.png").stat().st_size > 0
+    assert (tmp_path / "out" / "similarity.png").stat().st_size > 0
+    data = json.loads(json_path.read_text())
+    assert data["model"] == str(model_dir) and data["episodes"] == 1
+    assert set(data["runs"]) == {"none", "step_cache"}
+    for run in data["runs"].values():
+        assert {"success_rate", "dit_forwards_per_chunk", "latency_per_chunk_s"} <= set(run)
+        assert 0.0 <= run["success_rate"] <= 1.0 and run["latency_per_chunk_s"] > 0
+    assert data["runs"]["none"]["dit_forwards_per_chunk"] == 16
+    cached = data["runs"]["step_cache"]
+    assert cached["dit_forwards_per_chunk"] <= 16
+    assert cached["action_mse_vs_none"] >= 0 and "video_psnr_vs_none" in cached
+
+
+def test_never_firing_cache_matches_the_uncached_run_exactly(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    json_path = tmp_path / "demo.json"
+    never = json.dumps({"velocity_sim_thresholds": [1.0], "velocity_skip_countdowns": [1]})
+    args = _parse(["--episodes", "1", "--out", str(tmp_path / "out"), "--json", str(json_path), "--model",
+                   str(model_dir), "--cache-config", never, "--no-progress"])
+    demo.run(args)
+    cached = json.loads(json_path.read_text())["runs"]["step_cache"]
+    assert cached["action_mse_vs_none"] == 0.0 and cached["identical_chunks"] == cached["chunks"]
+    assert cached["dit_forwards_per_chunk"] == 16
+
+
+def test_bad_episode_count_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="--episodes"):
+        demo.run(_parse(["--episodes", "0", "--out", str(tmp_path)]))
