@@ -13,8 +13,9 @@ null instruction, for classifier-free guidance) enters through that modulation, 
 the patch embedding (FiLM), so that "this patch shows the named target" is readable from a patch
 token directly.
 
-Three choices make the model learn its task within a CPU budget of minutes; each removes a plateau
-seen in training, where the loss stalls while the model ignores the instruction:
+Three choices make the model learn its task within a CPU budget of minutes (see the training notes in
+docs/benchmarks.md; the first two remove plateaus measured in isolated probes, where the model
+ignores the instruction for hundreds of steps):
 
 - grey levels enter the patch embedding through fixed radial basis features, so a pixel's level (and
   so the target kind it belongs to) is linear in its features;
@@ -185,7 +186,7 @@ class DiTBlock(nn.Module):
                                  nn.Linear(mlp_hidden, hidden_size))
         # This block's offset on the shared modulation (adaLN-single).
         # Gates start small but open (not adaLN-zero's 0): with closed gates no gradient reaches the
-        # attention weights until the gates grow, a plateau this CPU budget cannot afford.
+        # attention and MLP weights until the gates themselves have grown.
         offset = torch.zeros(6, hidden_size)
         offset[[2, 5]] = initial_gate
         self.modulation_offset = nn.Parameter(offset)
