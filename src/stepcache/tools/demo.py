@@ -107,12 +107,6 @@ def replay_episode(omni: Any, reference: EpisodeRecord, instruction: str) -> Epi
     return record
 
 
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB (inf for identical inputs)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
 def summarise(records: list[EpisodeRecord]) -> dict[str, Any]:
     latencies = [t for r in records for t in r.latencies]
     forwards = [f for r in records for f in r.forwards]
@@ -129,12 +123,14 @@ def summarise(records: list[EpisodeRecord]) -> dict[str, Any]:
 
 def fidelity(reference: list[EpisodeRecord], replayed: list[EpisodeRecord], action_scale: float) -> dict[str, float]:
     """Action MSE (in units of the largest move, i.e. model units) and mean per-chunk video PSNR."""
+    from stepcache.tools.benchmark.metrics import psnr_db
+
     action_errors, psnrs = [], []
     for ref, rep in zip(reference, replayed):
         for a_ref, a_rep, f_ref, f_rep in zip(ref.actions, rep.actions, ref.frames, rep.frames):
             action_errors.append(float(np.mean(((a_ref - a_rep) / action_scale) ** 2)))
-            psnrs.append(psnr(f_ref, f_rep))
-    finite = [p for p in psnrs if math.isfinite(p)]
+            psnrs.append(psnr_db(torch.from_numpy(f_rep), torch.from_numpy(f_ref), data_range=1.0))
+    finite = [p for p in psnrs if p is not None]  # None: the chunk is bit-identical
     return {
         "action_mse_vs_none": float(np.mean(action_errors)),
         "video_psnr_vs_none": float(np.mean(finite)) if finite else math.inf,
