@@ -2,12 +2,16 @@
 
 Two configs describe the same choice:
 
-- :class:`DiffusionCacheConfig` is what users write (vLLM-Omni's field names; a dict or a JSON string
-  works too, via :meth:`DiffusionCacheConfig.from_dict`);
+- :class:`DiffusionCacheConfig` is what users write (vLLM-Omni's field names; a dict, a JSON string, a
+  JSON file or a preset name works too, via :func:`as_diffusion_cache_config`);
 - :class:`StepCacheConfig` is the frozen runtime config the decision rule reads.
 
 Both are validated when they are built, so a bad value fails where it was written, never deep inside
-a denoise loop. Every error names the field, the value given and what is allowed.
+a denoise loop. Every error names the field (in the caller's own field names), the value given and
+what is allowed.
+
+The seed's fields (thresholds, countdowns, history lengths) keep the seed's defaults and meaning.
+Every other field is opt-in and defaults to the seed's behaviour; see :class:`StepCacheConfig`.
 """
 
 from __future__ import annotations
@@ -16,46 +20,51 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # The fixed 8-of-16 schedule DreamZero's released inference code uses when its adaptive rule is off.
 DREAMZERO_STATIC_RUN_STEPS = (0, 1, 2, 6, 10, 13, 14, 15)
 
+# The decision rules (``policy``): the seed's cosine thresholds, or an accumulated error estimate.
+SIMILARITY_POLICY = "similarity"
+ERROR_BUDGET_POLICY = "error_budget"
+POLICIES = (SIMILARITY_POLICY, ERROR_BUDGET_POLICY)
+# What a skipped step answers with (``reuse``): the last computed prediction, or a first-order
+# extrapolation in time from the last two.
+REUSE_CACHED = "cache"
+REUSE_EXTRAPOLATE = "extrapolate"
+REUSE_MODES = (REUSE_CACHED, REUSE_EXTRAPOLATE)
 
-@dataclass(frozen=True)
-class _FieldNames:
-    """What the fields are called in the config being validated, so errors use the user's words."""
-
-    enabled: str
-    min_history: str
-    max_history: str
-    thresholds: str
-    countdowns: str
-    static_steps: str
-
-
-_RUNTIME_NAMES = _FieldNames(
-    enabled="enabled",
-    min_history="min_history_steps",
-    max_history="max_history",
-    thresholds="sim_thresholds",
-    countdowns="skip_countdowns",
-    static_steps="static_run_steps",
-)
-_USER_NAMES = _FieldNames(
-    enabled="step_cache_dit_enabled",
-    min_history="step_cache_dit_min_history",
-    max_history="step_cache_dit_max_history",
-    thresholds="velocity_sim_thresholds",
-    countdowns="velocity_skip_countdowns",
-    static_steps="step_cache_dit_static_steps",
-)
+# Runtime field name -> user-facing field name (vLLM-Omni's style). Errors use the caller's names.
+USER_FIELD_NAMES: dict[str, str] = {
+    "enabled": "step_cache_dit_enabled",
+    "min_history_steps": "step_cache_dit_min_history",
+    "max_history": "step_cache_dit_max_history",
+    "sim_thresholds": "velocity_sim_thresholds",
+    "skip_countdowns": "velocity_skip_countdowns",
+    "static_run_steps": "step_cache_dit_static_steps",
+    "policy": "step_cache_dit_policy",
+    "error_budget": "velocity_error_budget",
+    "warmup_steps": "step_cache_dit_warmup_steps",
+    "final_steps": "step_cache_dit_final_steps",
+    "max_skip_steps": "step_cache_dit_max_skip_steps",
+    "reuse": "velocity_reuse",
+    "extrapolation_damping": "velocity_extrapolation_damping",
+    "solver_aware": "step_cache_dit_solver_aware",
+}
+RUNTIME_FIELD_NAMES = {user: runtime for runtime, user in USER_FIELD_NAMES.items()}
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _as_sequence(name: str, value: Any) -> tuple[Any, ...]:
@@ -64,83 +73,139 @@ def _as_sequence(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
-def _validated(
-    names: _FieldNames,
-    enabled: Any,
-    min_history: Any,
-    max_history: Any,
-    thresholds: Any,
-    countdowns: Any,
-    static_steps: Any,
-) -> tuple[bool, int, int, tuple[float, ...], tuple[int, ...], tuple[int, ...] | None]:
-    """Check one config's values; return them normalised (tuples, floats, ints)."""
-    if not isinstance(enabled, bool):
-        raise ValueError(f"{names.enabled} must be True or False, got {enabled!r}")
+def _count(name: str, value: Any, minimum: int, meaning: str) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} ({meaning}), got {value!r}")
+    return int(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return str(value)
+
+
+def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
+    """Check one config's values (keyed by runtime field name); return them normalised (tuples,
+    floats, ints). Messages use the user-facing names when ``user_names``."""
+
+    def name(runtime: str) -> str:
+        return USER_FIELD_NAMES[runtime] if user_names else runtime
+
+    out: dict[str, Any] = {}
+    if not isinstance(values["enabled"], bool):
+        raise ValueError(f"{name('enabled')} must be True or False, got {values['enabled']!r}")
+    out["enabled"] = values["enabled"]
+    min_history = values["min_history_steps"]
     if not _is_int(min_history) or min_history < 2:
         raise ValueError(
-            f"{names.min_history} must be an integer >= 2 (the similarity compares the last two "
+            f"{name('min_history_steps')} must be an integer >= 2 (the similarity compares the last two "
             f"computed velocities), got {min_history!r}"
         )
+    out["min_history_steps"] = int(min_history)
+    max_history = values["max_history"]
     if not _is_int(max_history) or max_history < min_history:
         raise ValueError(
-            f"{names.max_history} must be an integer >= {names.min_history} ({min_history}), "
+            f"{name('max_history')} must be an integer >= {name('min_history_steps')} ({min_history}), "
             f"got {max_history!r}; a shorter history could never reach the minimum and would never skip"
         )
-    thresholds = _as_sequence(names.thresholds, thresholds)
-    countdowns = _as_sequence(names.countdowns, countdowns)
+    out["max_history"] = int(max_history)
+
+    thresholds = _as_sequence(name("sim_thresholds"), values["sim_thresholds"])
+    countdowns = _as_sequence(name("skip_countdowns"), values["skip_countdowns"])
     if len(thresholds) != len(countdowns):
         raise ValueError(
-            f"{names.thresholds} and {names.countdowns} must have the same length (one countdown per "
-            f"threshold), got {len(thresholds)} thresholds {list(thresholds)} and "
+            f"{name('sim_thresholds')} and {name('skip_countdowns')} must have the same length (one countdown "
+            f"per threshold), got {len(thresholds)} thresholds {list(thresholds)} and "
             f"{len(countdowns)} countdowns {list(countdowns)}"
         )
     for i, threshold in enumerate(thresholds):
-        if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
-            raise ValueError(f"{names.thresholds}[{i}] must be a number in (-1, 1], got {threshold!r}")
+        if not _is_real(threshold):
+            raise ValueError(f"{name('sim_thresholds')}[{i}] must be a number in (-1, 1], got {threshold!r}")
         if math.isnan(threshold) or not -1.0 < threshold <= 1.0:
             raise ValueError(
-                f"{names.thresholds}[{i}] must be a cosine similarity in (-1, 1], got {threshold!r}"
+                f"{name('sim_thresholds')}[{i}] must be a cosine similarity in (-1, 1], got {threshold!r}"
             )
     for i in range(1, len(thresholds)):
         if not thresholds[i] < thresholds[i - 1]:
             raise ValueError(
-                f"{names.thresholds} must be strictly descending (the first threshold the similarity "
+                f"{name('sim_thresholds')} must be strictly descending (the first threshold the similarity "
                 f"exceeds picks the countdown, so a later, higher one could never fire), got {list(thresholds)}"
             )
     for i, countdown in enumerate(countdowns):
         if not _is_int(countdown) or countdown < 1:
             raise ValueError(
-                f"{names.countdowns}[{i}] must be an integer >= 1 (the number of steps to skip), "
+                f"{name('skip_countdowns')}[{i}] must be an integer >= 1 (the number of steps to skip), "
                 f"got {countdown!r}"
             )
+    out["sim_thresholds"] = tuple(float(t) for t in thresholds)
+    out["skip_countdowns"] = tuple(int(c) for c in countdowns)
+
+    static_steps = values["static_run_steps"]
     if static_steps is not None:
-        static_steps = _as_sequence(names.static_steps, static_steps)
+        static_steps = _as_sequence(name("static_run_steps"), static_steps)
         if not all(_is_int(step) and step >= 0 for step in static_steps):
-            raise ValueError(f"{names.static_steps} must hold step indices >= 0, got {list(static_steps)}")
+            raise ValueError(f"{name('static_run_steps')} must hold step indices >= 0, got {list(static_steps)}")
         if 0 not in static_steps:
             raise ValueError(
-                f"{names.static_steps} must include step 0 (there is nothing to reuse before the first "
+                f"{name('static_run_steps')} must include step 0 (there is nothing to reuse before the first "
                 f"computed step), got {list(static_steps)}"
             )
         static_steps = tuple(sorted({int(step) for step in static_steps}))
-    return (
-        enabled,
-        int(min_history),
-        int(max_history),
-        tuple(float(t) for t in thresholds),
-        tuple(int(c) for c in countdowns),
-        static_steps,
+    out["static_run_steps"] = static_steps
+
+    out["policy"] = _choice(name("policy"), values["policy"], POLICIES)
+    budget = values["error_budget"]
+    if not _is_real(budget) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(
+            f"{name('error_budget')} must be a finite number > 0 (the accumulated estimated relative error "
+            f"at which a skip window ends), got {budget!r}"
+        )
+    out["error_budget"] = float(budget)
+    out["warmup_steps"] = _count(name("warmup_steps"), values["warmup_steps"], 0, "leading steps that always run")
+    out["final_steps"] = _count(name("final_steps"), values["final_steps"], 0, "trailing steps that always run")
+    max_skips = values["max_skip_steps"]
+    out["max_skip_steps"] = (
+        None if max_skips is None
+        else _count(name("max_skip_steps"), max_skips, 1, "the longest run of skipped steps; None for no cap")
     )
+    out["reuse"] = _choice(name("reuse"), values["reuse"], REUSE_MODES)
+    damping = values["extrapolation_damping"]
+    if not _is_real(damping) or math.isnan(damping) or not 0.0 <= damping <= 1.0:
+        raise ValueError(
+            f"{name('extrapolation_damping')} must be a number in [0, 1] (the fraction of the linear "
+            f"extrapolation applied; 0 reuses the cached velocity), got {damping!r}"
+        )
+    out["extrapolation_damping"] = float(damping)
+    if not isinstance(values["solver_aware"], bool):
+        raise ValueError(f"{name('solver_aware')} must be True or False, got {values['solver_aware']!r}")
+    out["solver_aware"] = values["solver_aware"]
+
+    if static_steps is not None:
+        # A fixed schedule is complete: options that shape an adaptive schedule would be silently ignored.
+        shaping = [
+            runtime for runtime, default in (("warmup_steps", 0), ("final_steps", 0), ("max_skip_steps", None))
+            if out[runtime] != default
+        ]
+        if out["policy"] != SIMILARITY_POLICY:
+            shaping.insert(0, "policy")
+        if shaping:
+            raise ValueError(
+                f"{name('static_run_steps')} is a complete fixed schedule; {[name(s) for s in shaping]} "
+                f"shape the adaptive rule and do not apply to it: drop them, or drop {name('static_run_steps')}"
+            )
+    return out
 
 
 @dataclass(frozen=True)
 class StepCacheConfig:
-    """Runtime config for velocity-based step skipping (DreamZero's ``should_run_model`` rule).
+    """Runtime config for velocity-based step skipping (DreamZero's ``should_run_model`` rule and opt-in
+    policies around it). The defaults are the seed's, and so is the behaviour they give.
 
-    At a step with at least ``min_history_steps`` computed velocities and no countdown running, the
-    cosine similarity ``s`` of the last two is compared with ``sim_thresholds`` in order; at the
-    first ``s > sim_thresholds[i]`` the current step and the next ``skip_countdowns[i] - 1`` are
-    skipped, then one step is forced to run.
+    The seed's rule (``policy="similarity"``): at a step with at least ``min_history_steps`` computed
+    velocities and no countdown running, the cosine similarity ``s`` of the last two is compared with
+    ``sim_thresholds`` in order; at the first ``s > sim_thresholds[i]`` the current step and the next
+    ``skip_countdowns[i] - 1`` are skipped, then one step is forced to run.
 
     Args:
         enabled: False makes every step run (bit-identical to no cache).
@@ -149,10 +214,29 @@ class StepCacheConfig:
         sim_thresholds: strictly descending cosine thresholds in (-1, 1]. The similarity is clamped
             to [-1, 1], so a threshold of 1.0 can never fire.
         skip_countdowns: steps skipped when the matching threshold fires (>= 1 each).
-        static_run_steps: not in the seed; None (the default) uses the rule above. A set of step
-            indices (including 0) replaces the rule with a fixed schedule: exactly those steps run,
-            every other step reuses the last computed velocity (DreamZero's released code ships
-            the mask (0, 1, 2, 6, 10, 13, 14, 15) for 16 steps).
+        static_run_steps: not in the seed; None (the default) uses the adaptive rule. A set of step
+            indices (including 0) replaces it with a fixed schedule: exactly those steps run, every
+            other step reuses (DreamZero's released code ships ``DREAMZERO_STATIC_RUN_STEPS`` for 16
+            steps; ``stepcache.calibrate`` learns one for a pipeline).
+        policy: not in the seed. ``"similarity"`` (default): the seed's thresholds and countdowns.
+            ``"error_budget"``: skip while the accumulated estimate of the relative error of reusing
+            the last velocity stays within ``error_budget``. At step ``i`` the estimate is
+            ``||v1 - v2|| / ||v1|| * |t_i - t1| / |t1 - t2|`` (the last two computed velocities and
+            their times, a linear model of the velocity in time: magnitude and direction both count,
+            and long gaps cost more), worst sample of the batch; a computed step starts a new sum.
+        error_budget: the budget of ``"error_budget"`` (> 0); smaller runs more steps.
+        warmup_steps: the first ``warmup_steps`` steps always run (on top of ``min_history_steps``).
+        final_steps: the last ``final_steps`` steps always run (the velocity turns most at the end);
+            needs the generation's step count (every entry point passes it).
+        max_skip_steps: at most this many consecutive skipped steps (None: no cap).
+        reuse: what a skipped step answers with: ``"cache"`` (the seed: the last computed prediction)
+            or ``"extrapolate"``: ``v1 + damping * (v1 - v2) * (t - t1) / (t1 - t2)`` from the last
+            two computed predictions (every tensor of the tuple), exact for a velocity linear in time.
+        extrapolation_damping: ``damping`` above, in [0, 1] (DreamZero's unused helper used 0.25).
+        solver_aware: for multistep solvers (UniPC, DPM-Solver++): a skipped step takes a first-order
+            step with the reused velocity and never enters the solver's memory; the next computed step
+            redoes the window from the last computed sample with the solver's own corrector. Applied by
+            the integrations that own a scheduler (the diffusers hook, ``DreamZeroPipeline``).
 
     Example:
         >>> StepCacheConfig(sim_thresholds=(0.97,), skip_countdowns=(2,)).skip_countdowns
@@ -165,59 +249,80 @@ class StepCacheConfig:
     sim_thresholds: tuple[float, ...] = (0.95, 0.93)
     skip_countdowns: tuple[int, ...] = (4, 2)
     static_run_steps: tuple[int, ...] | None = None
+    policy: str = SIMILARITY_POLICY
+    error_budget: float = 0.5
+    warmup_steps: int = 0
+    final_steps: int = 0
+    max_skip_steps: int | None = None
+    reuse: str = REUSE_CACHED
+    extrapolation_damping: float = 1.0
+    solver_aware: bool = False
 
     def __post_init__(self) -> None:
-        values = _validated(
-            _RUNTIME_NAMES,
-            self.enabled,
-            self.min_history_steps,
-            self.max_history,
-            self.sim_thresholds,
-            self.skip_countdowns,
-            self.static_run_steps,
-        )
-        for f, value in zip(dataclasses.fields(self), values, strict=True):
-            object.__setattr__(self, f.name, value)
+        values = _validated({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, user_names=False)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     @property
-    def max_consecutive_skips(self) -> int:
-        """The longest run of skipped steps the similarity rule can produce (0 when it cannot skip)."""
-        return max(self.skip_countdowns, default=0) if self.enabled else 0
+    def max_consecutive_skips(self) -> int | None:
+        """The longest run of skipped steps this config can produce: 0 when it cannot skip, None when
+        only the step count bounds it."""
+        if not self.enabled:
+            return 0
+        if self.static_run_steps is not None:
+            return None
+        if self.policy == SIMILARITY_POLICY:
+            longest = max(self.skip_countdowns, default=0)
+            return longest if self.max_skip_steps is None else min(longest, self.max_skip_steps)
+        return self.max_skip_steps
+
+    @property
+    def never_skips(self) -> bool:
+        """True when no step can ever be skipped (the run is bit-identical to no cache)."""
+        if not self.enabled:
+            return True
+        if self.static_run_steps is not None:
+            return False
+        return self.policy == SIMILARITY_POLICY and all(t >= 1.0 for t in self.sim_thresholds)
+
+    def check_num_steps(self, num_steps: int) -> None:
+        """Fail when this config cannot apply to a generation of ``num_steps`` steps (a fixed
+        schedule that names steps past the end would silently reuse its last computed step)."""
+        if not _is_int(num_steps) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if self.enabled and self.static_run_steps is not None and self.static_run_steps[-1] >= num_steps:
+            beyond = [s for s in self.static_run_steps if s >= num_steps]
+            raise ValueError(
+                f"static_run_steps {list(self.static_run_steps)} (user field step_cache_dit_static_steps) names "
+                f"steps {beyond} past the end of a {num_steps}-step generation (steps 0..{num_steps - 1}); "
+                f"give a schedule for {num_steps} steps"
+            )
 
     @classmethod
     def from_diffusion_cache_config(cls, config: DiffusionCacheConfig) -> StepCacheConfig:
         """Translate the user-facing config (vLLM-Omni field names) into the runtime config."""
         if not isinstance(config, DiffusionCacheConfig):
             raise TypeError(f"expected a DiffusionCacheConfig, got {type(config).__name__}")
-        values = _validated(
-            _USER_NAMES,
-            config.step_cache_dit_enabled,
-            config.step_cache_dit_min_history,
-            config.step_cache_dit_max_history,
-            config.velocity_sim_thresholds,
-            config.velocity_skip_countdowns,
-            config.step_cache_dit_static_steps,
-        )
-        return cls(*values)
+        values = {RUNTIME_FIELD_NAMES[name]: value for name, value in dataclasses.asdict(config).items()}
+        return cls(**_validated(values, user_names=True))
 
     def to_diffusion_cache_config(self) -> DiffusionCacheConfig:
         """The same choice in the user-facing field names (e.g. to write it as JSON)."""
-        return DiffusionCacheConfig(
-            step_cache_dit_enabled=self.enabled,
-            velocity_sim_thresholds=list(self.sim_thresholds),
-            velocity_skip_countdowns=list(self.skip_countdowns),
-            step_cache_dit_min_history=self.min_history_steps,
-            step_cache_dit_max_history=self.max_history,
-            step_cache_dit_static_steps=None if self.static_run_steps is None else list(self.static_run_steps),
-        )
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values[USER_FIELD_NAMES[f.name]] = list(value) if isinstance(value, tuple) else value
+        return DiffusionCacheConfig(**values)
 
 
 @dataclass
 class DiffusionCacheConfig:
-    """User-facing cache config, with the field names vLLM-Omni uses.
+    """User-facing cache config, with the field names vLLM-Omni uses (and ours in the same style for
+    the options the seed does not have; see :class:`StepCacheConfig` for what each one does).
 
-    Validated at construction (errors name these fields). Build it from a dict or a JSON string
-    with :meth:`from_dict`; an unknown key is an error, so a typo is never silently ignored.
+    Validated at construction (errors name these fields). Build it from a dict, a JSON string, a JSON
+    file or a preset name with :func:`as_diffusion_cache_config`; an unknown key is an error, so a
+    typo is never silently ignored.
 
     Example:
         >>> DiffusionCacheConfig.from_dict('{"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]}')
@@ -230,22 +335,21 @@ class DiffusionCacheConfig:
     velocity_skip_countdowns: list[int] = field(default_factory=lambda: [4, 2])
     step_cache_dit_min_history: int = 2
     step_cache_dit_max_history: int = 2
-    # Not a vLLM-Omni field: a fixed schedule instead of the rule (see StepCacheConfig.static_run_steps).
+    # Not vLLM-Omni fields: opt-in options (StepCacheConfig documents each one).
     step_cache_dit_static_steps: list[int] | None = None
+    step_cache_dit_policy: str = SIMILARITY_POLICY
+    velocity_error_budget: float = StepCacheConfig.error_budget
+    step_cache_dit_warmup_steps: int = 0
+    step_cache_dit_final_steps: int = 0
+    step_cache_dit_max_skip_steps: int | None = None
+    velocity_reuse: str = REUSE_CACHED
+    velocity_extrapolation_damping: float = 1.0
+    step_cache_dit_solver_aware: bool = False
 
     def __post_init__(self) -> None:
-        _, _, _, thresholds, countdowns, static_steps = _validated(
-            _USER_NAMES,
-            self.step_cache_dit_enabled,
-            self.step_cache_dit_min_history,
-            self.step_cache_dit_max_history,
-            self.velocity_sim_thresholds,
-            self.velocity_skip_countdowns,
-            self.step_cache_dit_static_steps,
-        )
-        self.velocity_sim_thresholds = list(thresholds)
-        self.velocity_skip_countdowns = list(countdowns)
-        self.step_cache_dit_static_steps = None if static_steps is None else list(static_steps)
+        values = {RUNTIME_FIELD_NAMES[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for runtime, value in _validated(values, user_names=True).items():
+            setattr(self, USER_FIELD_NAMES[runtime], list(value) if isinstance(value, tuple) else value)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -253,12 +357,18 @@ class DiffusionCacheConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | str | None) -> DiffusionCacheConfig:
-        """Build from a mapping, a JSON object string, or ``None`` (the defaults)."""
+        """Build from a mapping, a JSON object string, or ``None`` (the defaults). An empty string is
+        an error: it is what ``"$(cat missing.json)"`` gives, never a deliberate choice."""
         if data is None:
             return cls()
         if isinstance(data, str):
+            if not data.strip():
+                raise ValueError(
+                    "cache config is an empty string; give a JSON object (\"{}\" for the defaults), a path to "
+                    "a JSON file, a preset name, or None"
+                )
             try:
-                data = json.loads(data) if data.strip() else {}
+                data = json.loads(data)
             except json.JSONDecodeError as err:
                 raise ValueError(f"cache config is not valid JSON ({err}): {data!r}") from None
         if not isinstance(data, Mapping):
@@ -271,16 +381,72 @@ class DiffusionCacheConfig:
             raise ValueError(f"unknown cache config key(s) {unknown}; valid keys are {valid}")
         return cls(**data)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> DiffusionCacheConfig:
+        """Read a config saved as JSON (``save``, ``stepcache calibrate``). A missing, empty or malformed
+        file, or one with a bad value, is an error that names the path."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ValueError(f"cache config file {str(path)!r} does not exist") from None
+        except OSError as err:
+            raise ValueError(f"cache config file {str(path)!r} cannot be read: {err.strerror or err}") from None
+        if not text.strip():
+            raise ValueError(f"cache config file {str(path)!r} is empty; it should hold a JSON object")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cache config file {str(path)!r} is not valid JSON: {err}") from None
+        if isinstance(data, Mapping) and isinstance(data.get("config"), Mapping):
+            data = data["config"]  # a calibration report: the config it chose
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"cache config file {str(path)!r}: {err}") from None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DiffusionCacheConfig:
+        """A named preset (see :data:`PRESETS`), optionally with some fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown cache config preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write this config as JSON (what :meth:`from_file` and every entry point read back)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+# Named configs for users who do not calibrate. "seed" is vLLM-Omni's defaults; see docs/benchmarks.md
+# ("choosing a policy") for how the others were chosen and on which inputs they were measured.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {},
+}
+
+
 def as_diffusion_cache_config(
-    value: DiffusionCacheConfig | StepCacheConfig | Mapping[str, Any] | str | None,
+    value: DiffusionCacheConfig | StepCacheConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
 ) -> DiffusionCacheConfig:
-    """Accept every form a cache config may arrive in and return a :class:`DiffusionCacheConfig`."""
+    """Accept every form a cache config may arrive in and return a :class:`DiffusionCacheConfig`.
+
+    ``None`` (the defaults), a config object, a dict of fields, a JSON string (starts with ``{``; one
+    that starts with ``[`` is rejected as not an object), a preset name (:data:`PRESETS`), or a path
+    (``str`` or ``os.PathLike``) to a JSON file.
+    """
     if isinstance(value, DiffusionCacheConfig):
         return value
     if isinstance(value, StepCacheConfig):
         return value.to_diffusion_cache_config()
+    if isinstance(value, os.PathLike):
+        return DiffusionCacheConfig.from_file(value)
+    if isinstance(value, str) and value.strip() and value.lstrip()[0] not in "{[":
+        if value in PRESETS:
+            return DiffusionCacheConfig.preset(value)
+        return DiffusionCacheConfig.from_file(value)
     return DiffusionCacheConfig.from_dict(value)

@@ -1,7 +1,7 @@
-"""Mutable state for step-level DiT velocity caching: the decision rule and its per-step trace.
+"""Mutable state for step-level DiT velocity caching: the decision rule, its signals and its trace.
 
-The rule (DreamZero's ``should_run_model``, as vLLM-Omni's ``step_cache`` ports it), evaluated once
-per scheduler step, in this order:
+The seed's rule (DreamZero's ``should_run_model``, as vLLM-Omni's ``step_cache`` ports it), evaluated
+once per scheduler step, in this order:
 
 1. disabled -> run;
 2. fewer than ``min_history_steps`` computed velocities -> run;
@@ -12,54 +12,162 @@ per scheduler step, in this order:
    ``skip_countdowns[i]`` and skip this step; no match -> run.
 
 A countdown of ``c`` therefore gives ``c`` consecutive skips, then one run. A non-finite ``s``
-fails every comparison, so the step runs. A config with ``static_run_steps`` replaces steps 2-5 with
-a fixed schedule (run exactly at those step indices).
+fails every comparison, so the step runs. The opt-in options of :class:`~stepcache.StepCacheConfig`
+wrap it: a fixed schedule (``static_run_steps``) replaces steps 2-5; ``warmup_steps``,
+``final_steps`` and ``max_skip_steps`` force runs before step 3; ``policy="error_budget"`` replaces
+steps 3-5 by an accumulated error estimate. With the defaults, every decision is the seed's.
+
+Everything here is tensors and numbers. The only collective (``process_group``, for velocities sharded
+across ranks) reduces the per-sample sums the signals are made of; ``torch.distributed`` is imported
+only when a group is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from stepcache.config import StepCacheConfig
+from stepcache.config import ERROR_BUDGET_POLICY, REUSE_EXTRAPOLATE, StepCacheConfig
 
 logger = logging.getLogger(__name__)
 
 # Why a step ran or was skipped (StepRecord.reason).
 DISABLED = "disabled"
-WARMUP = "warmup"  # not enough computed velocities yet
+WARMUP = "warmup"  # not enough computed velocities yet, or inside warmup_steps
+FINAL = "final"  # inside final_steps: always runs
+MAX_SKIPS = "max_skips"  # max_skip_steps consecutive skips reached: forced run
 COUNTDOWN = "countdown"  # skipped inside a skip window
 REFRESH = "refresh"  # forced run that ends a skip window
 SIMILAR = "similar"  # similarity above a threshold: skip window starts
 DISSIMILAR = "dissimilar"  # similarity at or below every threshold
-NON_FINITE = "non_finite"  # similarity NaN or infinite: run
+WITHIN_BUDGET = "within_budget"  # error_budget policy: the accumulated estimate still fits: skip
+OVER_BUDGET = "over_budget"  # error_budget policy: the estimate would pass the budget: run
+NON_FINITE = "non_finite"  # similarity or error estimate NaN or infinite: run
 STATIC = "static"  # decided by the config's fixed schedule (static_run_steps)
+REASONS = (
+    DISABLED, WARMUP, FINAL, MAX_SKIPS, COUNTDOWN, REFRESH, SIMILAR, DISSIMILAR, WITHIN_BUDGET, OVER_BUDGET,
+    NON_FINITE, STATIC,
+)
+
+# Per-sample sums a decision is made of (columns of velocity_statistics).
+_DOT, _LATEST_SQ, _PREVIOUS_SQ, _DIFFERENCE_SQ = range(4)
+# Columns processed per chunk in velocity_statistics: the float32 copies of a chunk stay well under
+# the size of one velocity, whatever its dtype.
+_MIN_CHUNK = 1 << 16
+_MAX_CHUNKS = 16
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One scheduler step's decision. ``similarity`` is None where the rule did not compute it."""
+    """One scheduler step's decision.
+
+    ``similarity`` is the cosine of the last two computed velocities *before* this step, where the
+    rule computed it (None where it needed none). ``timestep`` is the step's time as the caller gave
+    it (None when not given). ``estimated_error`` is the ``error_budget`` policy's accumulated
+    estimate at this step (None for the other rules).
+    """
 
     step: int
     ran: bool
     reason: str
     similarity: float | None = None
+    timestep: float | None = None
+    estimated_error: float | None = None
 
 
 @dataclass(frozen=True)
 class StepDecision:
-    """The outcome of :func:`decide`: whether to run, why, and the countdown left afterwards."""
+    """The outcome of :func:`decide`: whether to run, why, and the decision state left afterwards."""
 
     run: bool
     reason: str
     skip_countdown: int
     similarity: float | None = None
+    consecutive_skips: int = 0
+    accumulated_error: float = 0.0
+    estimated_error: float | None = None
+    step: int | None = None  # filled in by StepCacheState.plan_step
+    timestep: float | None = None
+
+
+@dataclass(frozen=True)
+class VelocitySignals:
+    """What the adaptive rules read from the last two computed velocities.
+
+    Attributes:
+        similarity: batch-mean cosine similarity (the seed's signal), clamped to [-1, 1].
+        relative_change: the largest per-sample ``||latest - previous|| / ||latest||``.
+    """
+
+    similarity: float
+    relative_change: float
+
+
+def velocity_statistics(latest: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per-sample sums ``(B, 4)`` in float64: ``<a, b>``, ``<a, a>``, ``<b, b>``, ``<a - b, a - b>`` of
+    the two velocities flattened per sample, each product taken in float32.
+
+    Sums add up across shards of the same samples, which is what makes decisions on sharded velocities
+    exact: all-reduce them, then derive the signals. Chunked, so the transient float32 copies stay
+    below the size of one velocity.
+    """
+    if latest.shape != previous.shape:
+        raise ValueError(
+            f"cannot compare velocities of different shapes {tuple(latest.shape)} and {tuple(previous.shape)}"
+        )
+    if latest.dim() < 2:
+        raise ValueError(
+            f"velocities need a leading batch dimension and at least one more, got shape {tuple(latest.shape)}"
+        )
+    a, b = latest.detach().flatten(1), previous.detach().flatten(1)
+    stats = torch.zeros(a.shape[0], 4, dtype=torch.float64, device=a.device)
+    width = a.shape[1]
+    chunk = max(_MIN_CHUNK, -(-width // _MAX_CHUNKS))
+    for start in range(0, width, chunk):
+        a_part = a[:, start : start + chunk].float()
+        b_part = b[:, start : start + chunk].float()
+        stats[:, _DOT] += (a_part * b_part).sum(1, dtype=torch.float64)
+        stats[:, _LATEST_SQ] += (a_part * a_part).sum(1, dtype=torch.float64)
+        stats[:, _PREVIOUS_SQ] += (b_part * b_part).sum(1, dtype=torch.float64)
+        difference = a_part - b_part  # never in place: a float32 velocity's chunk is a view of it
+        stats[:, _DIFFERENCE_SQ] += (difference * difference).sum(1, dtype=torch.float64)
+    return stats
+
+
+def signals_from_statistics(stats: torch.Tensor) -> VelocitySignals:
+    """Derive the decision signals from (reduced) :func:`velocity_statistics`.
+
+    The cosine follows ``torch.nn.functional.cosine_similarity`` (norm product clamped at 1e-8). A
+    non-finite sum gives a non-finite signal, so the step runs.
+    """
+    stats = stats.detach().double().cpu()
+    if stats.shape[0] == 0:
+        raise ValueError("cannot decide on an empty batch: the velocities have batch size 0")
+    norms = (stats[:, _LATEST_SQ] * stats[:, _PREVIOUS_SQ]).sqrt().clamp_min(1e-8)
+    cosine = (stats[:, _DOT] / norms).mean()
+    similarity = float(cosine.clamp(-1.0, 1.0)) if torch.isfinite(cosine) else float(cosine)
+    change = stats[:, _DIFFERENCE_SQ].sqrt() / stats[:, _LATEST_SQ].sqrt().clamp_min(1e-12)
+    finite = bool(torch.isfinite(stats).all())
+    relative_change = float(change.max()) if finite else math.nan
+    return VelocitySignals(similarity=similarity, relative_change=relative_change)
+
+
+def velocity_signals(latest: torch.Tensor, previous: torch.Tensor, process_group: Any = None) -> VelocitySignals:
+    """The signals of two velocities; with ``process_group``, of the velocities whose shards the ranks
+    of the group hold (one ``all_reduce`` of a ``(B, 4)`` float64 tensor)."""
+    stats = velocity_statistics(latest, previous)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats, group=process_group)
+    return signals_from_statistics(stats)
 
 
 def velocity_similarity(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -68,16 +176,41 @@ def velocity_similarity(current: torch.Tensor, previous: torch.Tensor) -> float:
     The result is clamped to [-1, 1] (rounding can push a cosine just past 1, which would let a
     threshold of 1.0 fire); NaN stays NaN.
     """
-    if current.shape != previous.shape:
-        raise ValueError(
-            f"cannot compare velocities of different shapes {tuple(current.shape)} and {tuple(previous.shape)}"
-        )
-    if current.dim() < 2:
-        raise ValueError(
-            f"velocities need a leading batch dimension and at least one more, got shape {tuple(current.shape)}"
-        )
-    cosine = F.cosine_similarity(current.flatten(1).float(), previous.flatten(1).float(), dim=1)
-    return float(cosine.mean().clamp(-1.0, 1.0))
+    return signals_from_statistics(velocity_statistics(current, previous)).similarity
+
+
+def reuse_error_estimate(relative_change: float, t: float, t1: float, t2: float) -> float:
+    """Estimated relative error of reusing the velocity computed at ``t1`` at time ``t``, when the one
+    computed before it (at ``t2``) differed by ``relative_change``: a linear model of the velocity in
+    time, ``relative_change * |t - t1| / |t1 - t2|``. Infinite when ``t1 == t2``."""
+    gap = abs(t1 - t2)
+    if gap == 0.0:
+        return math.inf
+    return relative_change * abs(t - t1) / gap
+
+
+def extrapolation_coefficient(t: float, t1: float, t2: float, damping: float) -> float:
+    """``c`` in ``v(t) = v1 + c (v1 - v2)``: the first-order extrapolation from ``(t2, v2)`` and
+    ``(t1, v1)`` to ``t``, scaled by ``damping`` (0 when ``t1 == t2``)."""
+    return 0.0 if t1 == t2 else damping * (t - t1) / (t1 - t2)
+
+
+def extrapolate_prediction(latest: Sequence[Any], previous: Sequence[Any], coefficient: float) -> tuple[Any, ...]:
+    """``latest + coefficient * (latest - previous)`` for every tensor element of two prediction tuples
+    of the same structure; other elements (and tensors whose shapes differ) are taken from ``latest``."""
+    out = []
+    for new, old in zip(latest, previous):
+        if (
+            coefficient != 0.0
+            and isinstance(new, torch.Tensor)
+            and isinstance(old, torch.Tensor)
+            and new.shape == old.shape
+            and new.is_floating_point()
+        ):
+            out.append(torch.lerp(new, old, -coefficient))  # new + c * (new - old), one pass
+        else:
+            out.append(new)
+    return tuple(out) + tuple(latest[len(out) :])
 
 
 def decide(
@@ -86,37 +219,80 @@ def decide(
     history_length: int,
     similarity: Callable[[], float],
     step: int = 0,
+    *,
+    num_steps: int | None = None,
+    consecutive_skips: int = 0,
+    accumulated_error: float = 0.0,
+    reuse_error: Callable[[], float] | None = None,
 ) -> StepDecision:
-    """Apply the rule to step ``step``. ``similarity`` is called only where the rule needs it."""
+    """Apply the rule to step ``step`` (the module docstring gives the order).
+
+    ``similarity`` and ``reuse_error`` (the ``error_budget`` policy's estimate for this step) are
+    called only where the rule needs them. ``num_steps`` is needed only by ``final_steps``.
+    """
     if not config.enabled:
         return StepDecision(True, DISABLED, skip_countdown)
     if config.static_run_steps is not None:
-        return StepDecision(step in config.static_run_steps, STATIC, 0)
+        run = step in config.static_run_steps
+        return StepDecision(run, STATIC, 0, consecutive_skips=0 if run else consecutive_skips + 1)
+    if step < config.warmup_steps:
+        return StepDecision(True, WARMUP, 0)
+    if config.final_steps:
+        if num_steps is None:
+            raise RuntimeError(
+                "step_cache_dit_final_steps needs the generation's step count: pass num_steps when the "
+                "generation starts (StepCacheState.reset(num_steps), VelocityCache.generation(num_steps), "
+                "or the backend's refresh(pipeline, num_inference_steps))"
+            )
+        if step >= num_steps - config.final_steps:
+            return StepDecision(True, FINAL, 0)
     if history_length < config.min_history_steps:
-        return StepDecision(True, WARMUP, skip_countdown)
+        return StepDecision(True, WARMUP, 0)
+    if config.max_skip_steps is not None and consecutive_skips >= config.max_skip_steps:
+        return StepDecision(True, MAX_SKIPS, 0)
+    skipped = consecutive_skips + 1
+    if config.policy == ERROR_BUDGET_POLICY:
+        if reuse_error is None:
+            raise ValueError("the error_budget policy needs reuse_error")
+        sim = similarity()
+        total = accumulated_error + reuse_error()
+        if math.isfinite(total) and total <= config.error_budget:
+            return StepDecision(False, WITHIN_BUDGET, 0, sim, skipped, total, total)
+        return StepDecision(True, OVER_BUDGET if math.isfinite(total) else NON_FINITE, 0, sim, estimated_error=total)
     if skip_countdown > 1:
-        return StepDecision(False, COUNTDOWN, skip_countdown - 1)
+        return StepDecision(False, COUNTDOWN, skip_countdown - 1, consecutive_skips=skipped)
     if skip_countdown == 1:
         return StepDecision(True, REFRESH, 0)
     sim = similarity()
     for threshold, countdown in zip(config.sim_thresholds, config.skip_countdowns):
         if sim > threshold:
-            return StepDecision(False, SIMILAR, countdown, sim)
+            return StepDecision(False, SIMILAR, countdown, sim, consecutive_skips=skipped)
     return StepDecision(True, DISSIMILAR if math.isfinite(sim) else NON_FINITE, 0, sim)
 
 
-def simulate_schedule(config: StepCacheConfig, similarities: Sequence[float]) -> list[bool]:
-    """Run decisions for ``len(similarities)`` steps where the similarity seen at step ``i`` is
-    ``similarities[i]`` (used only where the rule asks for it). True = the step runs.
+def simulate_schedule(
+    config: StepCacheConfig,
+    similarities: Sequence[float],
+    *,
+    reuse_errors: Sequence[float] | None = None,
+) -> list[bool]:
+    """Run decisions for ``len(similarities)`` steps where the signals seen at step ``i`` are
+    ``similarities[i]`` (and ``reuse_errors[i]`` for the ``error_budget`` policy), used only where the
+    rule asks for them. True = the step runs.
 
     Reproduces :meth:`StepCacheState.should_run_step` without tensors: history grows by one per run,
-    capped at ``max_history``.
+    capped at ``max_history``; the generation has ``len(similarities)`` steps.
     """
     runs: list[bool] = []
-    countdown, history_length = 0, 0
+    countdown, history_length, skips, error = 0, 0, 0, 0.0
+    num_steps = len(similarities)
     for step, sim in enumerate(similarities):
-        decision = decide(config, countdown, history_length, lambda s=sim: s, step)
-        countdown = decision.skip_countdown
+        decision = decide(
+            config, countdown, history_length, lambda s=sim: s, step,
+            num_steps=num_steps, consecutive_skips=skips, accumulated_error=error,
+            reuse_error=None if reuse_errors is None else (lambda e=reuse_errors[step]: e),
+        )
+        countdown, skips, error = decision.skip_countdown, decision.consecutive_skips, decision.accumulated_error
         if decision.run:
             history_length = min(history_length + 1, config.max_history)
         runs.append(decision.run)
@@ -135,6 +311,7 @@ class TraceSummary:
 
     @property
     def num_steps(self) -> int:
+        """Steps decided so far (every step of a finished generation)."""
         return len(self.trace)
 
     @property
@@ -165,16 +342,68 @@ class TraceSummary:
         seen = [s for s in self.similarities if s is not None and math.isfinite(s)]
         sims = f", similarity {min(seen):.4f}..{max(seen):.4f}" if seen else ""
         return (
-            f"stepcache: {self.computed_steps}/{self.num_steps} steps computed, {self.skipped_steps} skipped "
+            f"stepcache: {self.computed_steps}/{len(self.trace)} steps computed, {self.skipped_steps} skipped "
             f"[{self.schedule}]{sims}"
         )
 
 
-class StepCacheState(TraceSummary):
-    """Per-generation mutable state: the skip countdown and a trace of every decision.
+def _check_history(prev_predictions: Sequence[Any]) -> None:
+    if isinstance(prev_predictions, torch.Tensor) or not isinstance(prev_predictions, Sequence):
+        raise TypeError(
+            f"the history must be a list of computed predictions (tuples whose [0] is the velocity), "
+            f"got {type(prev_predictions).__name__}"
+        )
+    for entry in prev_predictions[-2:]:
+        if isinstance(entry, torch.Tensor) or not isinstance(entry, (tuple, list)) or not entry:
+            advice = " (wrap the velocity as (velocity,))" if isinstance(entry, torch.Tensor) else ""
+            raise TypeError(
+                f"history entries must be non-empty tuples whose [0] is the velocity, got {type(entry).__name__}"
+                f"{advice}"
+            )
 
-    Call :meth:`reset` before each generation (the backends' ``refresh`` does), then
-    :meth:`should_run_step` once per scheduler step with the history of computed predictions.
+
+def _velocity_of_entry(entry: Sequence[Any], which: str) -> torch.Tensor:
+    velocity = entry[0]
+    if not isinstance(velocity, torch.Tensor):
+        raise TypeError(f"the {which} history entry's [0] must be the velocity tensor, got {type(velocity).__name__}")
+    return velocity
+
+
+def _as_time(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            raise ValueError("timestep is an empty tensor")
+        return float(timestep.detach().max())
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        return float(timestep)
+    raise TypeError(f"timestep must be a number, a tensor or None, got {type(timestep).__name__}")
+
+
+def config_fingerprint(config: StepCacheConfig) -> int:
+    """A number that is equal on every process for equal configs (Python's ``hash`` of a string is
+    salted per process, so it cannot be compared across ranks)."""
+    return zlib.crc32(repr(config).encode())
+
+
+class StepCacheState(TraceSummary):
+    """Per-generation mutable state: the decision state (countdown, skips, accumulated error) and a
+    trace of every decision.
+
+    Call :meth:`reset` before each generation (the backends' ``refresh`` does), then once per scheduler
+    step either :meth:`should_run_step` (the seed's API: decide and record) or :meth:`plan_step` +
+    :meth:`commit_step` (decide; record only once the forward succeeded, so a failed call leaves the
+    state as it was).
+
+    Args:
+        config: the rule's settings (default: the seed's).
+        process_group: a ``torch.distributed`` group whose ranks each hold a shard of the same
+            velocities (sequence parallelism): the signals are reduced across it, so every rank takes
+            the same decision. None (default): no collective, nothing imported.
+        check_consistency: with a group, also all-gather each rank's decision state before and its
+            decision after every step, and raise naming the step and the ranks that disagree (two
+            small ``all_gather`` calls per step; meant for tests and debugging).
 
     Example:
         >>> state = StepCacheState(StepCacheConfig())
@@ -183,7 +412,13 @@ class StepCacheState(TraceSummary):
         True
     """
 
-    def __init__(self, config: StepCacheConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: StepCacheConfig | None = None,
+        *,
+        process_group: Any = None,
+        check_consistency: bool = False,
+    ) -> None:
         if config is None:
             config = StepCacheConfig()
         if not isinstance(config, StepCacheConfig):
@@ -191,39 +426,119 @@ class StepCacheState(TraceSummary):
                 f"StepCacheState needs a StepCacheConfig, got {type(config).__name__}; "
                 "use StepCacheConfig.from_diffusion_cache_config() for a DiffusionCacheConfig"
             )
+        if check_consistency and process_group is None:
+            raise ValueError("check_consistency needs a process_group")
         self.config = config
+        self.process_group = process_group
+        self.check_consistency = check_consistency
+        self.reset()
+
+    # -- generation boundaries ---------------------------------------------------------------------
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new generation (of ``num_steps`` steps, when known): no countdown, empty trace.
+
+        Raises:
+            ValueError: the config cannot apply to ``num_steps`` steps (a fixed schedule past the end).
+        """
+        if num_steps is not None:
+            self.config.check_num_steps(num_steps)
+        self.generation_steps = num_steps
         self.skip_countdown = 0
+        self.consecutive_skips = 0
+        self.accumulated_error = 0.0
         self.trace: list[StepRecord] = []
+        self._run_times: list[tuple[int, float | None]] = []  # (step, timestep) of each computed step
+        self._signals_key: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._signals: VelocitySignals | None = None
         self._warned_non_finite = False
 
-    def reset(self) -> None:
-        """Start a new generation: no countdown, empty trace."""
-        self.skip_countdown = 0
-        self.trace = []
-        self._warned_non_finite = False
+    @property
+    def step_index(self) -> int:
+        """The index of the next step to decide."""
+        return len(self.trace)
 
-    def should_run_step(self, prev_predictions: Sequence[Sequence[Any]]) -> bool:
-        """Return True when the DiT forward should execute at this scheduler step.
+    @property
+    def finished(self) -> bool:
+        """True once every step of a generation of known length has been decided."""
+        return self.generation_steps is not None and len(self.trace) >= self.generation_steps
+
+    # -- deciding ----------------------------------------------------------------------------------
+
+    def plan_step(self, prev_predictions: Sequence[Sequence[Any]], *, timestep: Any = None) -> StepDecision:
+        """Decide the next step without recording anything (see :meth:`commit_step`).
 
         Args:
-            prev_predictions: the computed predictions so far (at least the last two), oldest
-                first; element ``[0]`` of each is the (post-CFG, video) velocity, batch first.
+            prev_predictions: the computed predictions so far (at least the last two), oldest first;
+                element ``[0]`` of each is the (post-CFG, video) velocity, batch first.
+            timestep: the step's time (sigma, or a timestep in any unit affine in sigma), used by the
+                ``error_budget`` policy and extrapolation; without it, step indices stand in.
         """
-
-        def similarity() -> float:
-            return velocity_similarity(prev_predictions[-1][0], prev_predictions[-2][0])
-
+        _check_history(prev_predictions)
         step = len(self.trace)
-        decision = decide(self.config, self.skip_countdown, len(prev_predictions), similarity, step)
+        if self.generation_steps is not None and step >= self.generation_steps:
+            raise RuntimeError(
+                f"this generation had {self.generation_steps} steps and all of them have been decided; call reset() "
+                "(or open the next `with cache.generation(...)`) before the next generation"
+            )
+        t = _as_time(timestep)
+        if self.check_consistency:
+            self._check_ranks_agree(step, "state before the decision", self._decision_state(len(prev_predictions)))
+        decision = decide(
+            self.config,
+            self.skip_countdown,
+            len(prev_predictions),
+            lambda: self._signals_of(prev_predictions).similarity,
+            step,
+            num_steps=self.generation_steps,
+            consecutive_skips=self.consecutive_skips,
+            accumulated_error=self.accumulated_error,
+            reuse_error=lambda: self._reuse_error(prev_predictions, step, t),
+        )
+        decision = dataclasses.replace(decision, step=step, timestep=t)
+        if self.check_consistency:
+            self._check_ranks_agree(step, "decision", [int(decision.run), REASONS.index(decision.reason)])
+        return decision
+
+    def commit_step(self, decision: StepDecision) -> None:
+        """Record a decision from :meth:`plan_step` (once its forward, if any, has succeeded)."""
+        if decision.step != len(self.trace):
+            raise RuntimeError(
+                f"this decision was planned for step {decision.step}, but the state is at step {len(self.trace)}; "
+                "plan again"
+            )
         self.skip_countdown = decision.skip_countdown
-        self.trace.append(StepRecord(step, decision.run, decision.reason, decision.similarity))
+        self.consecutive_skips = decision.consecutive_skips
+        self.accumulated_error = decision.accumulated_error
+        if decision.run:
+            self._run_times.append((decision.step, decision.timestep))
+            del self._run_times[: -self.config.max_history]
+        self.trace.append(
+            StepRecord(
+                decision.step, decision.run, decision.reason, decision.similarity, decision.timestep,
+                decision.estimated_error,
+            )
+        )
         if decision.reason == NON_FINITE and not self._warned_non_finite:
             self._warned_non_finite = True
             logger.warning(
-                "step %d: velocity similarity is %s (non-finite velocities?); running every such step",
-                step,
+                "step %d: non-finite velocity signals (similarity %s, error estimate %s: NaN or infinite "
+                "velocities); running every such step",
+                decision.step,
                 decision.similarity,
+                decision.estimated_error,
             )
+
+    def should_run_step(self, prev_predictions: Sequence[Sequence[Any]], *, timestep: Any = None) -> bool:
+        """Return True when the DiT forward should execute at this scheduler step (decide and record).
+
+        Args:
+            prev_predictions: the computed predictions so far (at least the last two), oldest first;
+                element ``[0]`` of each is the (post-CFG, video) velocity, batch first.
+            timestep: optional, see :meth:`plan_step`.
+        """
+        decision = self.plan_step(prev_predictions, timestep=timestep)
+        self.commit_step(decision)
         return decision.run
 
     def trim_history(self, prev_predictions: list[Any]) -> None:
@@ -231,6 +546,70 @@ class StepCacheState(TraceSummary):
         excess = len(prev_predictions) - self.config.max_history
         if excess > 0:
             del prev_predictions[:excess]
+
+    def reused_prediction(self, prev_predictions: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+        """What the step just decided as skipped answers with: the last computed prediction, or (with
+        ``reuse="extrapolate"`` and two computed predictions) its extrapolation to the step's time."""
+        if not prev_predictions:
+            raise RuntimeError("no computed prediction to reuse: the first step must run")
+        latest = tuple(prev_predictions[-1])
+        if self.config.reuse != REUSE_EXTRAPOLATE or len(prev_predictions) < 2 or not self.trace:
+            return latest
+        record = self.trace[-1]
+        t, t1, t2 = self._times(record.step, record.timestep)
+        coefficient = extrapolation_coefficient(t, t1, t2, self.config.extrapolation_damping)
+        return extrapolate_prediction(latest, tuple(prev_predictions[-2]), coefficient)
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def _signals_of(self, prev_predictions: Sequence[Sequence[Any]]) -> VelocitySignals:
+        """The last two computed velocities' signals; computed (and reduced) once per pair."""
+        latest = _velocity_of_entry(prev_predictions[-1], "latest")
+        previous = _velocity_of_entry(prev_predictions[-2], "previous")
+        key = self._signals_key
+        if self._signals is None or key is None or key[0] is not latest or key[1] is not previous:
+            self._signals = velocity_signals(latest, previous, self.process_group)
+            self._signals_key = (latest, previous)
+        return self._signals
+
+    def _times(self, step: int, timestep: float | None) -> tuple[float, float, float]:
+        """``(t, t1, t2)``: the time of ``step`` and of the last two computed steps, in the caller's
+        timesteps when all three are known, else in step indices. A history this state did not see
+        being built is taken to come from the two steps before ``step``."""
+        if len(self._run_times) < 2:
+            return float(step), float(step - 1), float(step - 2)
+        (s1, t1), (s2, t2) = self._run_times[-1], self._run_times[-2]
+        if None in (timestep, t1, t2):
+            return float(step), float(s1), float(s2)
+        return timestep, t1, t2
+
+    def _reuse_error(self, prev_predictions: Sequence[Sequence[Any]], step: int, timestep: float | None) -> float:
+        change = self._signals_of(prev_predictions).relative_change
+        return reuse_error_estimate(change, *self._times(step, timestep))
+
+    # -- ranks -------------------------------------------------------------------------------------
+
+    def _decision_state(self, history_length: int) -> list[int]:
+        return [
+            len(self.trace), history_length, self.skip_countdown, self.consecutive_skips,
+            config_fingerprint(self.config), -1 if self.generation_steps is None else self.generation_steps,
+        ]
+
+    def _check_ranks_agree(self, step: int, what: str, values: list[int]) -> None:
+        import torch.distributed as dist
+
+        mine = torch.tensor(values, dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.process_group))]
+        dist.all_gather(gathered, mine, group=self.process_group)
+        rows = [tuple(int(v) for v in g) for g in gathered]
+        if len(set(rows)) > 1:
+            ranks = [dist.get_global_rank(self.process_group, i) if self.process_group is not dist.GroupMember.WORLD
+                     else i for i in range(len(rows))]
+            detail = ", ".join(f"rank {r}: {row}" for r, row in zip(ranks, rows))
+            raise RuntimeError(
+                f"StepCache ranks disagree at step {step} ({what}); every rank of the group must use the same "
+                f"config and see the same steps. Per rank {detail}"
+            )
 
     def __repr__(self) -> str:
         return f"StepCacheState(skip_countdown={self.skip_countdown}, steps={len(self.trace)}, config={self.config})"

@@ -47,7 +47,8 @@ def test_translation_both_ways():
 
 def test_from_dict_accepts_dict_json_and_none():
     assert DiffusionCacheConfig.from_dict(None) == DiffusionCacheConfig()
-    assert DiffusionCacheConfig.from_dict("") == DiffusionCacheConfig()
+    with pytest.raises(ValueError, match="empty string"):  # what "$(cat missing.json)" gives
+        DiffusionCacheConfig.from_dict("")
     d = {"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]}
     assert DiffusionCacheConfig.from_dict(d) == DiffusionCacheConfig.from_dict(json.dumps(d))
     assert DiffusionCacheConfig.from_dict(d).velocity_sim_thresholds == [0.97]
@@ -149,3 +150,49 @@ def test_static_run_steps_validation_and_translation():
         DiffusionCacheConfig(step_cache_dit_static_steps=[0, -1])
     with pytest.raises(ValueError, match="static_run_steps must hold step indices"):
         StepCacheConfig(static_run_steps=(0, 1.5))
+
+
+# --- config files and presets -----------------------------------------------------------------------
+
+
+def test_a_saved_config_is_accepted_as_a_path_everywhere(tmp_path):
+    config = DiffusionCacheConfig(velocity_sim_thresholds=[0.97], velocity_skip_countdowns=[3],
+                                  step_cache_dit_final_steps=2)
+    path = config.save(tmp_path / "cal.json")
+    assert DiffusionCacheConfig.from_file(path) == config
+    assert as_diffusion_cache_config(path) == config
+    assert as_diffusion_cache_config(str(path)) == config
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(None, "does not exist"), ("", "is empty"), ("  \n", "is empty"), ("{oops", "not valid JSON"),
+     ('{"velocity_sim_thresholds": [2.0], "velocity_skip_countdowns": [1]}', "(-1, 1]"),
+     ('{"bogus": 1}', "unknown cache config key")],
+)
+def test_bad_config_files_name_the_path(tmp_path, content, words):
+    path = tmp_path / "cal.json"
+    if content is not None:
+        path.write_text(content)
+    for value in (path, str(path)):
+        with pytest.raises(ValueError) as err:
+            as_diffusion_cache_config(value)
+        assert str(path) in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_a_calibration_report_file_gives_its_chosen_config(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"config": {"step_cache_dit_static_steps": [0, 5, 9]}, "measured": {}}))
+    assert DiffusionCacheConfig.from_file(path).step_cache_dit_static_steps == [0, 5, 9]
+
+
+def test_presets_by_name_and_unknown_names():
+    assert DiffusionCacheConfig.preset("seed") == DiffusionCacheConfig()
+    assert as_diffusion_cache_config("seed") == DiffusionCacheConfig()
+    with pytest.raises(ValueError, match="unknown cache config preset"):
+        DiffusionCacheConfig.preset("fastest")
+
+
+def test_a_json_array_string_is_not_taken_for_a_path():
+    with pytest.raises(ValueError, match="JSON object"):
+        as_diffusion_cache_config("[0.9]")

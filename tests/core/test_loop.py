@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,3 +118,98 @@ def test_readme_euler_loop_runs_and_skips():
     # straight paths give perfectly aligned velocities: the seed's 4-of-16 schedule, and still exact
     assert cached.state.run_steps == [0, 1, 6, 11]
     assert torch.allclose(out_cached, out_full, atol=1e-5)
+
+
+# --- generation boundaries and failures (issue: no silent wrong results) ---------------------------
+
+SKIP_ALL = StepCacheConfig(sim_thresholds=(-0.99,), skip_countdowns=(4,))
+
+
+def test_a_finished_generation_refuses_the_next_without_reset():
+    cache = VelocityCache(StepCacheConfig(static_run_steps=(0,)))
+    with cache.generation(num_steps=4):
+        for _ in range(4):
+            cache.step(lambda: torch.ones(1, 2))
+    with pytest.raises(RuntimeError, match=r"after its `with cache\.generation"):
+        cache.step(lambda: torch.ones(1, 2))
+    cache.reset(4)
+    for _ in range(4):
+        cache.step(lambda: torch.ones(1, 2))
+    with pytest.raises(RuntimeError, match="generation of 4 steps is complete"):
+        cache.step(lambda: torch.ones(1, 2))
+
+
+def test_a_timestep_that_restarts_is_refused():
+    cache = VelocityCache()
+    cache.reset()
+    for t in (1.0, 0.75, 0.5):
+        cache.step(lambda: torch.ones(1, 2), timestep=t)
+    with pytest.raises(RuntimeError, match="does not continue this generation"):
+        cache.step(lambda: torch.ones(1, 2), timestep=1.0)
+
+
+def test_unknown_generation_length_is_warned_about(caplog):
+    cache = VelocityCache()
+    cache.step(lambda: torch.ones(1, 2))
+    assert any("does not know where this generation ends" in r.message for r in caplog.records)
+
+
+def test_a_failing_model_call_leaves_the_cache_as_before():
+    """A fixed schedule must run at its steps even when a call fails and is retried."""
+    schedule = (0, 1, 2, 6, 10, 13, 14, 15)
+    cache = VelocityCache(StepCacheConfig(static_run_steps=schedule))
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] in (2, 5):
+            raise ConnectionError("transient")
+        return torch.full((1, 2), float(calls["n"]))
+
+    with cache.generation(16):
+        step = 0
+        while step < 16:
+            try:
+                cache.step(flaky)
+            except ConnectionError:
+                assert len(cache.state.trace) == step  # nothing recorded: retry the same step
+                continue
+            step += 1
+    assert cache.state.run_steps == list(schedule)
+
+
+@pytest.mark.parametrize(
+    ("returned", "words"),
+    [(np.ones((1, 2)), "ndarray"), (None, "NoneType"), ((), "empty"), ((np.ones(2),), "ndarray")],
+)
+def test_model_outputs_the_rule_cannot_read_are_named(returned, words):
+    cache = VelocityCache()
+    with cache.generation(4), pytest.raises(TypeError, match=words):
+        cache.step(lambda: returned)
+    assert cache.state.trace == []
+
+
+def test_an_empty_batch_is_named():
+    cache = VelocityCache()
+    with cache.generation(4), pytest.raises(ValueError, match="non-empty leading batch"):
+        cache.step(lambda: torch.ones(0, 3))
+
+
+def test_bare_tensors_in_the_history_are_refused():
+    state = StepCacheState()
+    with pytest.raises(TypeError, match=r"wrap the velocity as \(velocity,\)"):
+        state.should_run_step([torch.ones(2, 3, 4), torch.ones(2, 3, 4)])
+
+
+def test_never_skip_configs_are_bit_identical_to_no_cache():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8)
+    for config in (StepCacheConfig(enabled=False), StepCacheConfig(sim_thresholds=(1.0,), skip_countdowns=(1,))):
+        x_ref = x = torch.randn(2, 8)
+        cache = VelocityCache(config)
+        with cache.generation(10):
+            for i in range(10):
+                x = x - 0.1 * cache.step(lambda x=x: torch.tanh(x @ weight), timestep=1.0 - i / 10)
+        for _ in range(10):
+            x_ref = x_ref - 0.1 * torch.tanh(x_ref @ weight)
+        assert torch.equal(x, x_ref) and cache.state.computed_steps == 10
