@@ -14,7 +14,19 @@ TORCH_SPEC=${STEPCACHE_TORCH:-torch==2.13.0}
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+# pip's noisy "is ignored: it is neither ..." lines are filtered out, but pip's exit status decides
+# whether the install worked, not grep's (grep exits 1 when it has nothing left to print).
+pip_install() {
+    local status
+    set +e
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither"
+    status=${PIPESTATUS[0]}
+    set -e
+    if [ "$status" -ne 0 ]; then
+        echo "setup: pip install $* failed (exit status $status)" >&2
+        return "$status"
+    fi
+}
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing $TORCH_SPEC (CPU build)"

@@ -18,9 +18,12 @@ def _restore_torch_threads() -> Iterator[None]:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse and validate as ``stepcache demo`` does."""
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    demo.validate(args)
+    return args
 
 
 def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
@@ -31,10 +34,13 @@ def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
     assert demo.run(args) == 0
     printed = capsys.readouterr().out
     assert "| run" in printed and "step_cache" in printed and "speedup" in printed
+    assert "cache config {" in printed and '"velocity_sim_thresholds": [0.95, 0.93]' in printed  # user-facing names
     assert (tmp_path / "out" / "episode.png").stat().st_size > 0
     assert (tmp_path / "out" / "similarity.png").stat().st_size > 0
     data = json.loads(json_path.read_text())
     assert data["model"] == str(model_dir) and data["episodes"] == 1
+    run_keys = {"stepcache", "torch", "diffusers", "python", "device", "torch_threads", "command", "date"}
+    assert run_keys <= set(data["run"])
     assert set(data["runs"]) == {"none", "step_cache"}
     for run in data["runs"].values():
         assert {"success_rate", "dit_forwards_per_chunk", "latency_per_chunk_s"} <= set(run)
@@ -57,6 +63,8 @@ def test_never_firing_cache_matches_the_uncached_run_exactly(tmp_path):
     assert cached["dit_forwards_per_chunk"] == 16
 
 
-def test_bad_episode_count_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match="--episodes"):
-        demo.run(_parse(["--episodes", "0", "--out", str(tmp_path)]))
+def test_bad_episode_count_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(["--episodes", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--episodes" in capsys.readouterr().err

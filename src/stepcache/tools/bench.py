@@ -9,64 +9,119 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Any
 
 from stepcache.tools.benchmark.harness import BenchTarget
-from stepcache.tools.benchmark.report import benchmark_json, markdown_table, plot_fidelity, write_json
+from stepcache.tools.benchmark.report import benchmark_json, markdown_table, plot_fidelity
 from stepcache.tools.benchmark.suite import run_benchmark
+from stepcache.tools.common import (
+    add_json_argument,
+    add_progress_argument,
+    add_threads_argument,
+    positive_int,
+    prepare_out_dir,
+    prepare_out_file,
+    progress_bar,
+    run_metadata,
+    seed_int,
+    set_torch_threads,
+    show_progress,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
 MODELS = ("wan-digits", "dreamzero-mini")
+QUICK_NOTE = "--quick smoke run (few samples, 1 timed repeat): wall times and speedups are NOT FOR TIMING"
+# What the progress bar counts: run_benchmark reports these phases in this order.
+PHASES = ("measuring forwards", "oracle search", "scoring and timing")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=MODELS, default="wan-digits", help="bundled model (default wan-digits)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer samples, settings and repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 3, quick 1)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write the plot and table here")
+    parser.add_argument("--model", choices=MODELS, default="wan-digits", help="bundled model")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: fewer samples, settings and repeats; not for timing")
+    parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
+                        help="timed repeats per method (default: 3, 1 with --quick)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
+    add_json_argument(parser, "write the rows and the run's versions to this JSON file")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="write the plot and the table here (bench-MODEL.png, bench-MODEL.md)")
+    add_threads_argument(parser)
+    add_progress_argument(parser)
 
 
-def build_target(model: str, *, quick: bool, seed: int) -> BenchTarget:
-    """The bundled model as a benchmark target (imports only what that model needs)."""
+def validate(args: argparse.Namespace) -> None:
+    if args.out is not None:
+        args.out = prepare_out_dir(args.out)
+    if args.json is not None:
+        args.json = prepare_out_file(args.json)
+
+
+def load_bundled(model: str) -> Any:
+    """The bundled model's pipeline: a ``DreamZeroPipeline`` or a ``WanDigits``."""
     if model not in MODELS:
         raise ValueError(f"no benchmark target for model {model!r}; available: {list(MODELS)}")
     if model == "dreamzero-mini":
         from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
+
+        return DreamZeroPipeline.from_pretrained(model)
+    from stepcache.models.wan_digits import load_wan_digits
+
+    return load_wan_digits()
+
+
+def default_num_steps(pipeline: Any) -> int:
+    """The denoising steps a bundled pipeline runs by default (what the benchmark targets use)."""
+    if hasattr(pipeline, "default_num_inference_steps"):  # WanDigits
+        return int(pipeline.default_num_inference_steps)
+    return int(pipeline.config.num_inference_steps)  # DreamZeroPipeline
+
+
+def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None) -> BenchTarget:
+    """The bundled model as a benchmark target (imports only what that model needs); ``pipeline``:
+    the model already loaded by :func:`load_bundled`."""
+    pipeline = load_bundled(model) if pipeline is None else pipeline
+    if model == "dreamzero-mini":
         from stepcache.tools.benchmark.dreamzero_target import DreamZeroTarget
 
         return DreamZeroTarget(
-            DreamZeroPipeline.from_pretrained(model),
+            pipeline,
             episodes=2 if quick else 8,
             closed_loop_episodes=4 if quick else 30,
             seed=seed,
         )
-    from stepcache.models.wan_digits import load_wan_digits
     from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 
-    return WanDigitsTarget(load_wan_digits(), samples_per_class=1 if quick else 10, seed=seed)
+    return WanDigitsTarget(pipeline, samples_per_class=1 if quick else 10, seed=seed)
+
+
+def _phase(message: str) -> int:
+    """Index in PHASES of the phase a run_benchmark progress message belongs to."""
+    if message.startswith("measuring"):
+        return 0
+    return 1 if message.startswith("oracle") else 2
 
 
 def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    if repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+    set_torch_threads(args.threads)
     target = build_target(args.model, quick=args.quick, seed=args.seed)
-    with tqdm(desc=f"bench {args.model}", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(PHASES), desc=f"bench {args.model}", unit="phase", enabled=show_progress(args)) as bar:
 
         def progress(message: str) -> None:
+            bar.update(_phase(message) - bar.n)  # the phases before this one are done
             bar.set_postfix_str(message[:60])
-            bar.update()
 
         result = run_benchmark(target, quick=args.quick, repeats=repeats, progress=progress)
+        bar.update(len(PHASES) - bar.n)
 
     table = markdown_table(result.rows)
-    print(f"\n{args.model}: {target.num_steps} steps, fidelity against the full-step output of the same seed\n")
+    title = f"{args.model}: {target.num_steps} steps, fidelity against the full-step output of the same seed"
+    if args.quick:
+        table = f"{QUICK_NOTE}\n\n{table}\n\n{QUICK_NOTE}"
+    print(f"\n{title}\n")
     print(table)
     for name, reason in result.skipped_peers.items():
         print(f"\n{name}: not run ({reason})")
@@ -74,22 +129,25 @@ def run(args: argparse.Namespace) -> int:
         search = "candidates + local moves" if args.quick else "candidates + backward elimination + local moves"
         print(f"\noracle: {result.oracle.evaluations} schedules sampled ({search})")
 
-    document = benchmark_json(
-        target.name,
-        target.num_steps,
-        result.rows,
-        quick=args.quick,
-        repeats=repeats,
-        skipped_peers=result.skipped_peers,
-        oracle_schedules_sampled=None if result.oracle is None else result.oracle.evaluations,
-    )
     if args.json:
-        write_json(args.json, document)
-        print(f"wrote {args.json}")
+        document = benchmark_json(
+            target.name,
+            target.num_steps,
+            result.rows,
+            quick=args.quick,
+            for_timing=not args.quick,
+            **({"note": QUICK_NOTE} if args.quick else {}),
+            repeats=repeats,
+            skipped_peers=result.skipped_peers,
+            oracle_schedules_sampled=None if result.oracle is None else result.oracle.evaluations,
+            run=run_metadata(args),
+        )
+        print(f"wrote {write_json(args.json, document)}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         plot_path = args.out / f"bench-{args.model}.png"
-        plot_fidelity(result.rows, plot_path, f"{args.model}: fidelity vs compute ({target.num_steps} steps)")
-        (args.out / f"bench-{args.model}.md").write_text(table + "\n")
-        print(f"wrote {plot_path}")
+        table_path = args.out / f"bench-{args.model}.md"
+        suffix = " [--quick: not for timing]" if args.quick else ""
+        plot_fidelity(result.rows, plot_path, f"{args.model}: fidelity vs compute ({target.num_steps} steps){suffix}")
+        table_path.write_text(f"{title}\n\n{table}\n")
+        print(f"wrote {plot_path} and {table_path}")
     return 0

@@ -29,6 +29,21 @@ from tqdm import tqdm
 from stepcache.config import DiffusionCacheConfig, StepCacheConfig
 from stepcache.tools.benchmark.harness import FULL, BenchTarget, Method
 from stepcache.tools.benchmark.suite import step_cache_method
+from stepcache.tools.common import (
+    UsageError,
+    add_json_argument,
+    add_progress_argument,
+    add_threads_argument,
+    finite_float,
+    format_cache_config,
+    format_number,
+    prepare_out_dir,
+    prepare_out_file,
+    run_metadata,
+    seed_int,
+    set_torch_threads,
+    show_progress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +114,11 @@ def calibrate(
     return choose(trials, target_forwards, min_psnr), trials
 
 
-def write_calibration(path: Path, chosen: Trial, trials: list[Trial], context: dict[str, Any]) -> Path:
-    """Write the config JSON at ``path`` and the measurements at ``<path stem>.report.json``."""
+def write_calibration(
+    path: Path, chosen: Trial, trials: list[Trial], context: dict[str, Any], report_path: Path | None = None
+) -> Path:
+    """Write the config JSON at ``path`` and the measurements at ``report_path`` (default
+    ``<path stem>.report.json``); returns the report's path."""
     config = chosen.config.to_diffusion_cache_config()
     DiffusionCacheConfig.from_dict(config.to_dict())  # what every entry point will do with it
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,51 +129,93 @@ def write_calibration(path: Path, chosen: Trial, trials: list[Trial], context: d
         "measured": chosen.as_json(),
         "trials": [t.as_json() for t in sorted(trials, key=lambda t: t.nfe)],
     }
-    report_path = path.with_name(path.stem + ".report.json")
+    report_path = path.with_name(path.stem + ".report.json") if report_path is None else Path(report_path)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report_path
+
+
+def config_name(model: str) -> str:
+    """The calibrated config's file name in ``--out``."""
+    return f"stepcache-{model}-calibrated.json"
+
+
+def _forward_budget(text: str) -> float:
+    """--target-forwards: a number >= 1 (the upper bound, the model's step count, is checked once it is loaded)."""
+    value = finite_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 1..the model's step count")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stepcache.tools.bench import MODELS
 
-    parser.add_argument("--model", choices=MODELS, default="wan-digits")
+    parser.add_argument("--model", choices=MODELS, default="wan-digits", help="bundled model")
     goal = parser.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-forwards", type=float, metavar="K", help="at most K forwards; best PSNR")
-    goal.add_argument("--min-psnr", type=float, metavar="X", help="PSNR >= X dB; fewest forwards")
-    parser.add_argument("--seed", type=int, default=1, help="calibration seed (default 1: not the bench's 0)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="config JSON path (default stepcache-<model>-calibrated.json)"
-    )
+    goal.add_argument("--target-forwards", type=_forward_budget, metavar="K",
+                      help="at most K forwards (1..the model's steps); best PSNR")
+    goal.add_argument("--min-psnr", type=finite_float, metavar="X", help="PSNR >= X dB; fewest forwards")
+    parser.add_argument("--seed", type=seed_int, default=1, help="calibration seed (not the bench's 0)")
+    parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                        help="folder for the config JSON (named stepcache-MODEL-calibrated.json)")
+    add_json_argument(parser, "write the measurements and the run's versions here (default: beside the config, "
+                      "stepcache-MODEL-calibrated.report.json)")
+    add_threads_argument(parser)
+    add_progress_argument(parser)
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.out.suffix.lower() == ".json":  # the old meaning of --out: the config file itself
+        print(f"stepcache calibrate: warning: --out {args.out} names a file, which is deprecated: --out is a folder "
+              f"and the config is named {config_name(args.model)}", file=sys.stderr)
+        args.config_path = prepare_out_dir(args.out.parent) / args.out.name
+    else:
+        args.config_path = prepare_out_dir(args.out) / config_name(args.model)
+    if args.json is not None:
+        args.json = prepare_out_file(args.json)
 
 
 def run(args: argparse.Namespace) -> int:
-    from stepcache.tools.bench import build_target
+    from stepcache.tools.bench import build_target, default_num_steps, load_bundled
 
-    target = build_target(args.model, quick=True, seed=args.seed)
-    chosen, trials = calibrate(target, target_forwards=args.target_forwards, min_psnr=args.min_psnr, progress=True)
+    set_torch_threads(args.threads)
+    pipeline = load_bundled(args.model)
+    steps = default_num_steps(pipeline)
+    if args.target_forwards is not None and args.target_forwards > steps:
+        raise UsageError(
+            f"argument --target-forwards: {args.target_forwards:g} is not allowed; allowed: 1..{steps} "
+            f"({args.model} runs {steps} steps)"
+        )
+    target = build_target(args.model, quick=True, seed=args.seed, pipeline=pipeline)
+    chosen, trials = calibrate(
+        target, target_forwards=args.target_forwards, min_psnr=args.min_psnr, progress=show_progress(args)
+    )
     if chosen is None:
         goal = (
-            f"at most {args.target_forwards} forwards"
+            f"at most {args.target_forwards:g} forwards"
             if args.target_forwards is not None
-            else f"PSNR >= {args.min_psnr} dB"
+            else f"PSNR >= {args.min_psnr:g} dB"
         )
         best = max(trials, key=lambda t: t.psnr_db)
         fewest = min(trials, key=lambda t: t.nfe)
         print(
-            f"no StepCache config reaches {goal} on {args.model}: the fewest forwards tried is "
-            f"{fewest.nfe:.2f}, the best PSNR {best.psnr_db:.2f} dB",
+            f"stepcache calibrate: no StepCache config reaches {goal} on {args.model}: the fewest forwards tried is "
+            f"{format_number(fewest.nfe)}, the best PSNR {format_number(best.psnr_db)} dB",
             file=sys.stderr,
         )
         return 1
-    out = args.out or Path(f"stepcache-{args.model}-calibrated.json")
+    out = getattr(args, "config_path", None) or Path(args.out) / config_name(args.model)
     goal = {"target_forwards": args.target_forwards} if args.min_psnr is None else {"min_psnr": args.min_psnr}
-    context = {"model": args.model, "steps": target.num_steps, "seed": args.seed, "goal": goal}
-    report = write_calibration(out, chosen, trials, context)
-    measured = chosen.as_json()
+    context = {"model": args.model, "steps": target.num_steps, "seed": args.seed, "goal": goal,
+               "run": run_metadata(args)}
+    report = write_calibration(out, chosen, trials, context, report_path=args.json)
+    config = chosen.config.to_diffusion_cache_config()
+    psnr = "inf (exact)" if math.isinf(chosen.psnr_db) else f"{format_number(chosen.psnr_db)} dB"
     print(
-        f"{args.model}: thresholds {measured['sim_thresholds']}, countdowns {measured['skip_countdowns']} -> "
-        f"{measured['nfe']} forwards of {target.num_steps}, PSNR {measured['psnr_db']} dB, SSIM {measured['ssim']}"
+        f"{args.model}: {format_number(chosen.nfe)} forwards of {target.num_steps}, PSNR {psnr}, "
+        f"SSIM {format_number(chosen.ssim)} against the full-step output (seed {args.seed})"
     )
+    print(f"config: {format_cache_config(config)}")
     print(f"wrote {out} (config) and {report} (measurements)")
     return 0

@@ -15,7 +15,6 @@ similarity with the skip decisions). ``--json`` writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -26,24 +25,56 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepcache.tools.common import (
+    UsageError,
+    add_cache_config_argument,
+    add_json_argument,
+    add_progress_argument,
+    add_threads_argument,
+    checked_cache_config,
+    format_cache_config,
+    format_number,
+    positive_int,
+    prepare_out_dir,
+    prepare_out_file,
+    progress_bar,
+    run_metadata,
+    seed_int,
+    set_torch_threads,
+    show_progress,
+    write_json,
+)
+
 logger = logging.getLogger(__name__)
 
 RUNS = ("none", "step_cache")
+EPISODE_PNG, SIMILARITY_PNG = "episode.png", "similarity.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--episodes", type=int, default=100, help="episodes per run (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
-    parser.add_argument("--out", type=Path, default=Path("stepcache-demo"),
-                        help="folder for episode.png and similarity.png (default ./stepcache-demo)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--model", default="dreamzero-mini",
-                        help="bundled model name or a folder with config.json + model.safetensors")
-    parser.add_argument("--cache-config", default=None,
-                        help="StepCache settings as JSON (DiffusionCacheConfig fields); default: the seed's")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: per-chunk tensors are small)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--episodes", type=positive_int, default=100, metavar="N", help="episodes per run")
+    parser.add_argument("--seed", type=seed_int, default=0, help="first episode seed")
+    parser.add_argument("--out", type=Path, default=Path("stepcache-demo"), metavar="DIR",
+                        help=f"folder for {EPISODE_PNG} and {SIMILARITY_PNG}")
+    add_json_argument(parser, "also write the figures, the cache config and the run's versions to this JSON file")
+    parser.add_argument("--model", default="dreamzero-mini", metavar="NAME|DIR",
+                        help="bundled model (choices: dreamzero-mini) or a folder with config.json + model.safetensors")
+    add_cache_config_argument(parser)
+    add_threads_argument(parser, default=1, note="per-chunk tensors are small")
+    add_progress_argument(parser)
+
+
+def validate(args: argparse.Namespace) -> None:
+    from stepcache.models.dreamzero.weights import load_model
+
+    args.cache_config = checked_cache_config(args.cache_config)
+    try:  # the bundled name or the folder, its config and its weights: what Omni will load
+        load_model(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"argument --model: {err}") from None
+    args.out = prepare_out_dir(args.out)
+    if args.json is not None:
+        args.json = prepare_out_file(args.json)
 
 
 @dataclass
@@ -150,8 +181,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{r['dit_forwards_per_chunk']:.2f} / {r['num_inference_steps']}",
             f"{1000 * r['latency_per_chunk_s']:.1f} ms",
             f"{r.get('speedup', 1.0):.2f}x",
-            "-" if name == "none" else f"{r['action_mse_vs_none']:.4f}",
-            "-" if name == "none" else f"{r['video_psnr_vs_none']:.1f} dB",
+            "-" if name == "none" else format_number(r["action_mse_vs_none"]),
+            "-" if name == "none" else f"{format_number(r['video_psnr_vs_none'], 3)} dB",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
@@ -246,35 +277,33 @@ def plot_similarity(
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from stepcache.config import StepCacheConfig, as_diffusion_cache_config
+    """The demo; ``validate(args)`` has checked and converted the arguments first (``stepcache`` runs both)."""
+    from stepcache.config import StepCacheConfig
     from stepcache.models.dreamzero.world import INSTRUCTIONS, WorldConfig
     from stepcache.omni import Omni
 
-    if args.episodes < 1:
-        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cache_config = as_diffusion_cache_config(args.cache_config)
+    set_torch_threads(args.threads)
+    cache_config = checked_cache_config(args.cache_config)  # already converted when stepcache ran validate()
     start = time.perf_counter()
-    omni = {"none": Omni(args.model, cache_backend=None),
-            "step_cache": Omni(args.model, cache_backend="step_cache", cache_config=cache_config)}
+    try:
+        omni = {"none": Omni(args.model, cache_backend=None),
+                "step_cache": Omni(args.model, cache_backend="step_cache", cache_config=cache_config)}
+    except ValueError as err:  # the model was checked in validate(): what is left is the config against it
+        raise UsageError(f"argument --cache-config: {err}") from None
+    print(f"stepcache demo: cache config {format_cache_config(cache_config)}", flush=True)
     action_scale = omni["none"].pipeline.transformer.config.action_scale
     records: dict[str, list[EpisodeRecord]] = {name: [] for name in RUNS}
     replayed: list[EpisodeRecord] = []
-    bar = tqdm(range(args.episodes), desc="demo episodes", unit="ep", disable=args.no_progress)
-    for index in bar:
-        seed = args.seed + index
-        # Interleave the runs per episode so that load changes on a shared machine hit both alike.
-        for name in RUNS:
-            records[name].append(run_episode(omni[name], seed))
-        reference = records["none"][-1]
-        replayed.append(replay_episode(omni["step_cache"], reference, INSTRUCTIONS[reference.goal]))
-        bar.set_postfix({name: f"{sum(r.success for r in records[name])}/{index + 1}" for name in RUNS})
-    bar.close()
+    with progress_bar(total=args.episodes, desc="demo episodes", unit="ep", enabled=show_progress(args)) as bar:
+        for index in range(args.episodes):
+            seed = args.seed + index
+            # Interleave the runs per episode so that load changes on a shared machine hit both alike.
+            for name in RUNS:
+                records[name].append(run_episode(omni[name], seed))
+            reference = records["none"][-1]
+            replayed.append(replay_episode(omni["step_cache"], reference, INSTRUCTIONS[reference.goal]))
+            bar.set_postfix({name: f"{sum(r.success for r in records[name])}/{index + 1}" for name in RUNS})
+            bar.update()
 
     results = {name: summarise(records[name]) for name in RUNS}
     steps = omni["none"].num_inference_steps
@@ -290,22 +319,21 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_episode(out_dir / "episode.png", records["none"][0], records["step_cache"][0], WorldConfig().success_radius)
+    episode_png, similarity_png = out_dir / EPISODE_PNG, out_dir / SIMILARITY_PNG
+    plot_episode(episode_png, records["none"][0], records["step_cache"][0], WorldConfig().success_radius)
     thresholds = StepCacheConfig.from_diffusion_cache_config(cache_config).sim_thresholds
-    plot_similarity(out_dir / "similarity.png", records["none"], replayed, thresholds)
+    plot_similarity(similarity_png, records["none"], replayed, thresholds)
     elapsed = time.perf_counter() - start
 
     last_seed = args.seed + args.episodes - 1
     print(f"stepcache demo: {args.model}, {args.episodes} episodes (seeds {args.seed}..{last_seed}), "
           f"{steps} denoising steps per chunk, {elapsed:.0f} s")
     print(format_table(results))
-    print(f"speedup ceiling 16/forwards: {steps / results['step_cache']['dit_forwards_per_chunk']:.2f}x; "
+    print(f"speedup ceiling {steps}/forwards: {steps / results['step_cache']['dit_forwards_per_chunk']:.2f}x; "
           f"action MSE in units of the largest move; PSNR over predicted frames in [0, 1], same inputs and noise")
-    print(f"wrote {out_dir / 'episode.png'} and {out_dir / 'similarity.png'}")
+    print(f"wrote {episode_png} and {similarity_png}")
     if args.json is not None:
         payload = {"model": str(args.model), "episodes": args.episodes, "seed": args.seed,
-                   "elapsed_s": elapsed, "torch_threads": torch.get_num_threads(), "runs": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+                   "elapsed_s": elapsed, "runs": results, "run": run_metadata(args)}
+        print(f"wrote {write_json(args.json, payload)}")
     return 0

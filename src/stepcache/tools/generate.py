@@ -4,13 +4,13 @@ Both runs start from the same noise (same seed). The tool prints, for each, the 
 actually ran (counted at the transformer's first layer, independently of StepCache's own stats), the
 sampling time (after an untimed warm-up run), and how often a classifier trained on the real digits
 agrees with the requested class; then the PSNR of the cached digits against the uncached ones. The PNG
-shows three panels: without, with, and their absolute difference.
+(``--out``/MODEL-stepcache.png) shows three panels: without, with, and their absolute difference;
+``--json`` writes the figures with the run's versions.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -23,6 +23,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepcache.tools.common import (
+    UsageError,
+    add_cache_config_argument,
+    add_json_argument,
+    add_progress_argument,
+    add_threads_argument,
+    checked_cache_config,
+    format_cache_config,
+    format_number,
+    nonnegative_float,
+    positive_int,
+    prepare_out_dir,
+    prepare_out_file,
+    progress_bar,
+    run_metadata,
+    seed_int,
+    set_torch_threads,
+    show_progress,
+    write_json,
+)
+
 logger = logging.getLogger(__name__)
 
 MODELS = ("wan-digits",)
@@ -32,35 +53,50 @@ def _class_list(text: str) -> list[int]:
     try:
         classes = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes: {text!r} is not a comma-separated list of digits") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of digits, e.g. 0,1,2") from None
     if not classes or any(not 0 <= c <= 9 for c in classes):
-        raise argparse.ArgumentTypeError(f"--classes: {text!r}; allowed: digits 0..9, e.g. 0,1,2")
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: digits 0..9, e.g. 0,1,2")
     return classes
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=MODELS, default="wan-digits", help="bundled model (default wan-digits)")
-    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the bundled one)")
-    parser.add_argument("--classes", type=_class_list, default=list(range(10)), help="digits, e.g. 3,1,4 (default 0-9)")
-    parser.add_argument("--per-class", type=_positive_int, default=4, help="samples per class (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed, shared by both runs (default 0)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="scheduler steps (default: the model's, 16)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument(
-        "--cache-config",
-        default=None,
-        help='StepCache settings as JSON, e.g. \'{"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]}\''
-        " (default: the StepCache defaults)",
-    )
-    parser.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per setting; median (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("wan-digits-stepcache.png"), help="PNG to write")
+    parser.add_argument("--model", choices=MODELS, default="wan-digits", help="bundled model")
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="a folder with the model's config.json + model.safetensors (default: the bundled one)")
+    parser.add_argument("--classes", type=_class_list, default="0,1,2,3,4,5,6,7,8,9", metavar="LIST",
+                        help="digits, e.g. 3,1,4")
+    parser.add_argument("--per-class", type=positive_int, default=4, metavar="N", help="samples per class")
+    parser.add_argument("--seed", type=seed_int, default=0, help="noise seed, shared by both runs")
+    parser.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                        help="denoising (scheduler) steps (default: the model's, 16)")
+    parser.add_argument("--guidance-scale", type=nonnegative_float, default=None, metavar="S",
+                        help="CFG scale (default: the model's)")
+    add_cache_config_argument(parser)
+    parser.add_argument("--repeats", type=positive_int, default=1, metavar="N", help="timed runs per setting; median")
+    parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                        help="folder for the PNG (named MODEL-stepcache.png)")
+    add_json_argument(parser, "also write the forwards, times, scores and the run's versions to this JSON file")
+    add_threads_argument(parser)
+    add_progress_argument(parser)
+
+
+def png_name(model: str) -> str:
+    return f"{model}-stepcache.png"
+
+
+def validate(args: argparse.Namespace) -> None:
+    args.cache_config = checked_cache_config(args.cache_config)
+    if args.weights is not None and not Path(args.weights).is_dir():
+        raise UsageError(f"argument --weights: {args.weights} is not a folder; allowed: a folder holding the model's "
+                         "config.json and model.safetensors (what `stepcache train wan-digits` writes)")
+    if args.out.suffix.lower() == ".png":  # the old meaning of --out: the PNG itself
+        print(f"stepcache generate: warning: --out {args.out} names a file, which is deprecated: --out is a folder "
+              f"and the PNG is named {png_name(args.model)}", file=sys.stderr)
+        args.png = prepare_out_dir(args.out.parent) / args.out.name
+    else:
+        args.png = prepare_out_dir(args.out) / png_name(args.model)
+    if args.json is not None:
+        args.json = prepare_out_file(args.json)
 
 
 def _count_forwards(transformer: torch.nn.Module) -> tuple[Callable[[], int], Any]:
@@ -78,7 +114,7 @@ def _sample(digits, labels: list[int], args: argparse.Namespace) -> torch.Tensor
     return digits.sample(labels, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
 
 
-def _timed_sample(digits, labels, args, count: Callable[[], int]) -> tuple[torch.Tensor, int, float]:
+def _timed_sample(digits, labels, args, count: Callable[[], int], bar: Any) -> tuple[torch.Tensor, int, float]:
     """Sample ``args.repeats`` times; return the pixels, forwards per run and the median seconds."""
     seconds = []
     for _ in range(args.repeats):
@@ -87,6 +123,7 @@ def _timed_sample(digits, labels, args, count: Callable[[], int]) -> tuple[torch
         pixels = _sample(digits, labels, args)
         seconds.append(time.perf_counter() - start)
         forwards = count() - before
+        bar.update()
     return pixels, forwards, statistics.median(seconds)
 
 
@@ -127,32 +164,39 @@ def _write_png(path: Path, panels: list[tuple[str, np.ndarray, float]], rows: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from stepcache import as_diffusion_cache_config
+    """Both runs and the PNG; ``validate(args)`` has checked and converted the arguments first."""
     from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats, remove_step_cache
     from stepcache.models.wan_digits import DigitClassifier, load_wan_digits
     from stepcache.models.wan_digits.data import PIXEL_MAX
 
-    try:  # a bad --cache-config fails before any sampling
-        cache_config = as_diffusion_cache_config(args.cache_config)
-    except (ValueError, json.JSONDecodeError) as err:
-        print(f"stepcache generate: --cache-config: {err}", file=sys.stderr)
-        return 2
-    digits = load_wan_digits(args.weights)
+    cache_config = checked_cache_config(args.cache_config)  # already converted when stepcache ran validate()
+    png = getattr(args, "png", None) or Path(args.out) / png_name(args.model)
+    set_torch_threads(args.threads)
+    try:
+        digits = load_wan_digits(args.weights)
+    except (FileNotFoundError, ValueError) as err:
+        if args.weights is None:
+            raise  # the bundled weights: a broken installation, not a usage error
+        raise UsageError(f"argument --weights: {err}") from None
     args.steps = digits.default_num_inference_steps if args.steps is None else args.steps
     args.guidance_scale = digits.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
     labels = [c for c in args.classes for _ in range(args.per_class)]
+    print(f"stepcache generate: cache config {format_cache_config(cache_config)}", flush=True)
     classifier = DigitClassifier()
     count, handle = _count_forwards(digits.pipe.transformer)
+    runs = 1 + 2 * args.repeats
     try:
-        # Untimed warm-up: the first call pays one-off costs (allocations, kernel selection).
-        _sample(digits, labels, args)
-        plain, plain_forwards, plain_s = _timed_sample(digits, labels, args, count)
-        apply_step_cache(digits.pipe, cache_config)
-        try:
-            cached, cached_forwards, cached_s = _timed_sample(digits, labels, args, count)
-            stats = get_step_cache_stats(digits.pipe)
-        finally:
-            remove_step_cache(digits.pipe)
+        with progress_bar(total=runs, desc="generate", unit="run", enabled=show_progress(args)) as bar:
+            # Untimed warm-up: the first call pays one-off costs (allocations, kernel selection).
+            _sample(digits, labels, args)
+            bar.update()
+            plain, plain_forwards, plain_s = _timed_sample(digits, labels, args, count, bar)
+            apply_step_cache(digits.pipe, cache_config)
+            try:
+                cached, cached_forwards, cached_s = _timed_sample(digits, labels, args, count, bar)
+                stats = get_step_cache_stats(digits.pipe)
+            finally:
+                remove_step_cache(digits.pipe)
     finally:
         handle.remove()
 
@@ -162,10 +206,11 @@ def run(args: argparse.Namespace) -> int:
         f"{args.model}: {len(args.classes)} classes x {args.per_class}, {args.steps} steps, "
         f"guidance {args.guidance_scale:g}, seed {args.seed}"
     )
+    plain_time, cached_time = format_number(plain_s, 3), format_number(cached_s, 3)
     print(header)
-    print(f"  without StepCache: {plain_forwards:3d} DiT forwards, {plain_s:.3f} s, classifier agrees {plain_acc:.1%}")
+    print(f"  without StepCache: {plain_forwards:3d} DiT forwards, {plain_time} s, classifier agrees {plain_acc:.1%}")
     print(
-        f"  with StepCache:    {cached_forwards:3d} DiT forwards, {cached_s:.3f} s, classifier agrees {cached_acc:.1%}"
+        f"  with StepCache:    {cached_forwards:3d} DiT forwards, {cached_time} s, classifier agrees {cached_acc:.1%}"
         f"  steps [{stats.schedule}]"
     )
     wall_ratio = plain_s / cached_s if cached_s > 0 else math.inf
@@ -175,11 +220,11 @@ def run(args: argparse.Namespace) -> int:
     rows, cols = args.per_class, len(args.classes)
     difference = (cached - plain).abs()
     _write_png(
-        args.out,
+        png,
         [
-            (f"without StepCache\n{plain_forwards} forwards, {plain_s:.2f} s", plain.numpy(), PIXEL_MAX),
+            (f"without StepCache\n{plain_forwards} forwards, {plain_time} s", plain.numpy(), PIXEL_MAX),
             (
-                f"with StepCache [{stats.schedule}]\n{cached_forwards} forwards, {cached_s:.2f} s",
+                f"with StepCache [{stats.schedule}]\n{cached_forwards} forwards, {cached_time} s",
                 cached.numpy(),
                 PIXEL_MAX,
             ),
@@ -189,5 +234,26 @@ def run(args: argparse.Namespace) -> int:
         cols,
         header,
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {png}")
+    if args.json is not None:
+        document = {
+            "model": args.model,
+            "weights": None if args.weights is None else str(args.weights),
+            "classes": args.classes,
+            "per_class": args.per_class,
+            "seed": args.seed,
+            "num_inference_steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "repeats": args.repeats,
+            "cache_config": cache_config.to_dict(),
+            "runs": {
+                "none": {"dit_forwards": plain_forwards, "median_s": plain_s, "classifier_accuracy": plain_acc},
+                "step_cache": {"dit_forwards": cached_forwards, "median_s": cached_s,
+                               "classifier_accuracy": cached_acc, "schedule": stats.schedule,
+                               "psnr_vs_none_db": psnr, "speedup": wall_ratio},
+            },
+            "png": str(png),
+            "run": run_metadata(args),
+        }
+        print(f"wrote {write_json(args.json, document)}")
     return 0

@@ -13,7 +13,8 @@ context patch predicts whether it shows the instructed target, and the state tok
 target's position. Without them the model settles for a long time on heading to the middle of the
 arena, ignoring the instruction, which the ~20-minute CPU budget cannot afford to wait out.
 
-``stepcache train dreamzero-mini`` calls :func:`train_bundled`, which writes the shipped weights.
+``stepcache train dreamzero-mini`` calls :func:`train_bundled`, which recreates the shipped weights in a
+folder of the caller's choice (never inside the package).
 """
 
 from __future__ import annotations
@@ -304,27 +305,24 @@ def train(
     return ema.eval(), history
 
 
-def default_weights_dir() -> Path:
-    """The bundled weights folder, ``weights/dreamzero-mini`` inside this package."""
-    return Path(__file__).resolve().parent / "weights" / "dreamzero-mini"
-
-
 def train_bundled(
-    out_dir: str | Path | None = None,
+    out_dir: str | Path,
     *,
     seed: int = 0,
     steps: int | None = None,
     progress: bool = True,
     num_threads: int | None = 1,
 ) -> Path:
-    """Train dreamzero-mini from scratch and write ``config.json`` + ``model.safetensors``.
+    """Train dreamzero-mini from scratch and write ``config.json`` + ``model.safetensors`` into ``out_dir``.
+
+    ``out_dir`` is required: the shipped weights inside the package are never overwritten by default.
 
     ``num_threads`` (default 1): torch intra-op threads while training. The tensors are small, and on
     shared 2-core machines a second thread costs more in synchronisation than it gains.
     """
     from stepcache.models.dreamzero.weights import save_model
 
-    out = Path(out_dir) if out_dir is not None else default_weights_dir()
+    out = Path(out_dir)
     config = TrainingConfig(seed=seed) if steps is None else TrainingConfig(seed=seed, steps=int(steps))
     start = time.perf_counter()
     with torch_threads(num_threads):

@@ -26,7 +26,6 @@ from stepcache.models.wan_digits.data import load_digit_pixels, pixels_to_latent
 from stepcache.models.wan_digits.pipeline import (
     DEFAULT_EMBEDDING_CONFIG,
     DEFAULT_TRANSFORMER_CONFIG,
-    WEIGHTS_DIR,
     build_class_embeddings,
     build_transformer,
     save_wan_digits,
@@ -172,14 +171,15 @@ def train_wan_digits(
 
 
 def train_bundled(
-    out_dir: str | Path | None = None, *, seed: int = 0, steps: int | None = None, progress: bool = True
+    out_dir: str | Path, *, seed: int = 0, steps: int | None = None, progress: bool = True
 ) -> Path:
     """Train wan-digits with the shipped settings and write ``config.json`` + ``model.safetensors``.
 
-    ``out_dir`` defaults to the bundled weights folder (overwriting the shipped weights); returns the folder.
+    ``out_dir`` is required: the shipped weights inside the package are never overwritten by default.
+    Returns the folder.
     """
     settings = TrainingSettings() if steps is None else TrainingSettings(steps=int(steps))
-    out = WEIGHTS_DIR if out_dir is None else Path(out_dir)
+    out = Path(out_dir)
     logger.info("training wan-digits: %d steps, batch %d, seed %d", settings.steps, settings.batch_size, seed)
     result = train_wan_digits(settings, seed=seed, transformer_config=DEFAULT_TRANSFORMER_CONFIG, progress=progress)
     tail = result.losses[-100:]
@@ -195,7 +195,7 @@ def train_bundled(
             [
                 "stepcache train wan-digits",
                 *([f"--seed {seed}"] if seed else []),
-                *([f"--steps {steps}"] if steps else []),
+                *([f"--train-steps {steps}"] if steps else []),
             ]
         ),
     }

@@ -1,0 +1,287 @@
+"""What every ``stepcache`` subcommand shares: argument types and checks, output folders, run
+metadata for JSON outputs, progress bars and number formatting.
+
+A bad value found while parsing is argparse's usage error; one found by a tool's ``validate(args)``
+(which needs the core, a file or another option) is a :class:`UsageError`. ``stepcache`` prints
+either as one line and exits with status 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import platform
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import stepcache
+
+EXIT_USAGE = 2  # argparse's status for a usage error
+
+
+class UsageError(Exception):
+    """A bad command-line value: printed as one line (no traceback), exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line: ``stepcache demo: error: argument --x: ... (see --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where a default means something (not for None or a False flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option spelling that still works and says which one replaces it."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, replacement: str, **kwargs: Any) -> None:
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# -- argument types (argparse calls them; ArgumentTypeError becomes "argument --x: <message>") ------
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= 1")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer >= 0 (what ``torch.Generator.manual_seed`` and numpy both accept)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan / inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a number > 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a number >= 0")
+    return value
+
+
+# -- options shared by the subcommands -------------------------------------------------------------
+
+
+def add_json_argument(parser: argparse.ArgumentParser, help_text: str = "also write the results to this file") -> None:
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help=help_text)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None, note: str = "") -> None:
+    """``--threads N``; ``note`` says why the default is what it is (None: torch's own default)."""
+    note = note or ("" if default else "default: torch's")
+    help_text = "torch intra-op threads" + (f" ({note})" if note else "")
+    parser.add_argument("--threads", type=positive_int, default=default, metavar="N", help=help_text)
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)"
+    )
+
+
+def add_cache_config_argument(parser: argparse.ArgumentParser) -> None:
+    from stepcache.config import PRESETS
+
+    parser.add_argument(
+        "--cache-config",
+        default=None,
+        metavar="JSON|PATH",
+        help='StepCache settings (DiffusionCacheConfig fields) as a JSON object, e.g. \'{"velocity_sim_thresholds": '
+        '[0.97], "velocity_skip_countdowns": [2]}\', the path of a JSON file (what calibrate writes) or a preset '
+        f"name ({', '.join(PRESETS)}); default: StepCache's defaults (DreamZero's)",
+    )
+
+
+# -- checks a tool's validate(args) runs before any work --------------------------------------------
+
+
+def checked_cache_config(value: Any, option: str = "--cache-config") -> Any:
+    """The :class:`~stepcache.DiffusionCacheConfig` that ``value`` (JSON text, a file path, None) means."""
+    from stepcache.config import as_diffusion_cache_config
+
+    try:
+        return as_diffusion_cache_config(value)
+    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"argument {option}: {err}") from None
+
+
+def format_cache_config(config: Any) -> str:
+    """One line of JSON, with the user-facing field names (``DiffusionCacheConfig.to_dict()``)."""
+    return json.dumps(config.to_dict())
+
+
+def package_dir() -> Path:
+    """The installed ``stepcache`` package folder: nothing the tools write goes in there."""
+    return Path(stepcache.__file__).resolve().parent
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    resolved = path.expanduser().resolve()
+    return resolved == folder or folder in resolved.parents
+
+
+def _probe_writable(folder: Path) -> None:
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def prepare_out_dir(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` (a folder) if needed and check that files can be written into it."""
+    path = Path(path).expanduser()
+    if is_inside(path, package_dir()):
+        raise UsageError(f"argument {option}: {path} is inside the installed stepcache package; choose another folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe_writable(path)
+    except OSError as err:
+        raise UsageError(f"argument {option}: cannot write into the folder {path}: {err.strerror or err}") from None
+    return path
+
+
+def prepare_out_file(path: Path, option: str = "--json") -> Path:
+    """Check that the file ``path`` can be written (its folder is created if needed); nothing is written yet."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"argument {option}: {path} is a folder; allowed: a file path, e.g. {path / 'results.json'}")
+    prepare_out_dir(path.parent, option)
+    return path
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Set torch's intra-op thread count for this process (None: leave torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+def command_line(args: argparse.Namespace | None = None) -> str:
+    """The command as the user typed it (``cli.main`` records it), else this process's argv."""
+    recorded = getattr(args, "command_line", None)
+    return recorded if recorded is not None else shlex.join(sys.argv)
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata(args: argparse.Namespace | None = None, *, device: str = "cpu") -> dict[str, Any]:
+    """What produced a result: versions, device, torch threads, the command line and the date (ISO 8601)."""
+    import torch
+
+    return {
+        "stepcache": stepcache.__version__,
+        "torch": torch.__version__,
+        "diffusers": _installed_version("diffusers"),
+        "python": platform.python_version(),
+        "device": device,
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "command": command_line(args),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: Path, document: dict[str, Any]) -> Path:
+    """Write ``document`` as indented JSON (non-finite numbers as null) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(document), indent=2) + "\n")
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    """``digits`` significant digits; scientific notation below 1e-3, so a small value never reads as 0.0000."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if value == 0.0 or not math.isfinite(value):
+        return "0" if value == 0.0 else str(value)
+    if abs(value) < 1e-3:
+        return f"{value:.{digits - 1}e}"
+    if abs(value) >= 10**digits:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A bar unless ``--no-progress`` was given or stderr is not a terminal (a log file, a pipe, CI)."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr with a known ``total``; a no-op bar when ``enabled`` is False."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
