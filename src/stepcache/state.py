@@ -547,17 +547,25 @@ class StepCacheState(TraceSummary):
         if excess > 0:
             del prev_predictions[:excess]
 
+    def reuse_coefficient(self) -> float:
+        """For the step just decided as skipped: ``c`` such that it answers with
+        ``latest + c * (latest - previous)`` of the last two computed predictions; 0 means plain reuse
+        (``reuse="cache"``, or fewer than two computed steps)."""
+        if self.config.reuse != REUSE_EXTRAPOLATE or len(self._run_times) < 2 or not self.trace:
+            return 0.0
+        record = self.trace[-1]
+        t, t1, t2 = self._times(record.step, record.timestep)
+        return extrapolation_coefficient(t, t1, t2, self.config.extrapolation_damping)
+
     def reused_prediction(self, prev_predictions: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
         """What the step just decided as skipped answers with: the last computed prediction, or (with
         ``reuse="extrapolate"`` and two computed predictions) its extrapolation to the step's time."""
         if not prev_predictions:
             raise RuntimeError("no computed prediction to reuse: the first step must run")
         latest = tuple(prev_predictions[-1])
-        if self.config.reuse != REUSE_EXTRAPOLATE or len(prev_predictions) < 2 or not self.trace:
+        coefficient = self.reuse_coefficient() if len(prev_predictions) >= 2 else 0.0
+        if coefficient == 0.0:
             return latest
-        record = self.trace[-1]
-        t, t1, t2 = self._times(record.step, record.timestep)
-        coefficient = extrapolation_coefficient(t, t1, t2, self.config.extrapolation_damping)
         return extrapolate_prediction(latest, tuple(prev_predictions[-2]), coefficient)
 
     # -- signals -----------------------------------------------------------------------------------

@@ -312,5 +312,6 @@ def test_apply_twice_remove_and_stats_without_the_hook_are_refused() -> None:
         get_step_cache_stats(model)
     apply_step_cache(model)
     assert get_step_cache_stats(model) == StepCacheStats(trace=(), branches=(), forwards=0, reused_outputs=0)
-    with pytest.raises(ValueError, match="already applied"):
-        apply_step_cache(model)
+    apply_step_cache(model)  # the same config again: nothing changes
+    with pytest.raises(ValueError, match=r"already applied to ToyDenoiser with another config.*remove_step_cache"):
+        apply_step_cache(model, NEVER_SKIP)

@@ -317,11 +317,17 @@ def test_wan22_two_experts_share_one_decision_per_step() -> None:
     remove_step_cache(case.pipe)
     apply_step_cache(case.pipe, SKIP_WHENEVER_ALLOWED)
     case.generate()
-    assert case.steps_run_by_branch() == {"cond": SEED_RUNS, "uncond": SEED_RUNS}
+    # The switch to the second expert at step 6 restarts the history: steps 6 and 7 run (never compared
+    # with, nor answered by, the first expert's outputs), then the seed's countdown resumes.
+    expected = [0, 1, 6, 7, 12]
+    assert case.steps_run_by_branch() == {"cond": expected, "uncond": expected}
     assert {(step, name) for step, _, name in case.forwards} == {
-        (0, "transformer"), (1, "transformer"), (6, "transformer_2"), (11, "transformer_2")
+        (0, "transformer"), (1, "transformer"), (6, "transformer_2"), (7, "transformer_2"), (12, "transformer_2")
     }  # fmt: skip
-    assert get_step_cache_stats(case.pipe.transformer_2) == get_step_cache_stats(case.pipe)
+    stats = get_step_cache_stats(case.pipe)
+    assert stats == get_step_cache_stats(case.pipe.transformer_2)
+    assert stats.forwards_by_denoiser == {"transformer": 4, "transformer_2": 6}
+    assert [r.reason for r in stats.trace][6:8] == ["warmup", "warmup"]
     # A diffusers cache on the expert that never starts a generation is caught as well.
     case.pipe.transformer_2.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     try:

@@ -4,29 +4,45 @@ Usage (see docs/diffusers.md)::
 
     from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats
 
-    apply_step_cache(pipe)                      # or apply_step_cache(pipe.transformer, config)
+    apply_step_cache(pipe)                      # or apply_step_cache(pipe, config)
     video = pipe(prompt, num_inference_steps=16).frames[0]
     print(get_step_cache_stats(pipe).summary())  # stepcache: 4/16 steps computed, 12 skipped [RR....R....R....] ...
 
 A diffusers ``ModelHook`` replaces the transformer's ``forward``. The pipeline is unchanged: it still
 calls the transformer once or twice per scheduler step and still steps its scheduler; on a skipped
-step the hook answers every call with that call's last computed output, without running the model.
+step the hook answers every call with that call's last computed output (or its extrapolation), without
+running the model.
+
+**Generations.** Applied to a pipeline, StepCache also watches the pipeline's scheduler: every
+``set_timesteps`` (which every diffusers pipeline calls at the start of ``__call__``) starts a new
+generation at the calling thread's next transformer call, whatever happened to the previous one (an
+exception, an interrupt from a step callback), and gives the generation's step count (which
+``final_steps`` and fixed schedules need, and against which they are checked). Applied to a bare
+transformer, generations are told apart by the timesteps alone (rules 1 and 5 below) and by diffusers'
+end-of-call reset (``CacheMixin`` transformers only); call :func:`reset_step_cache` between
+generations where that cannot see the boundary.
+
+**Threads.** Each thread has its own generation (decision, history, cached outputs), so pipelines that
+share one transformer can generate from several threads at once. One pipeline (one scheduler) cannot
+run two generations at once, with or without StepCache: when a thread restarts a scheduler whose
+generation another thread is still running, the other thread's next call raises instead of stepping
+a scheduler that is no longer its own.
 
 **Where a call belongs** (the pipeline never says which step it is in, so the hook reads it from the
-call). Each call's *timestep* is the largest value of its ``timestep`` argument (any units: Wan/SD3
+call). Each call's *timestep* is the largest value of its timestep argument (any units: Wan/SD3
 pass 0..1000, Flux 0..1). Its *branch* is the name the pipeline gave ``transformer.cache_context``
 (``"cond"``, ``"uncond"``, ``"cond_uncond"``...), or, without a context, its position among the calls
 of the step (``"call0"``, ``"call1"``...). Then, compared with the current step:
 
-1. no generation in progress (first call after :func:`apply_step_cache`, after the end of a
-   pipeline call of a ``CacheMixin`` transformer, or after :func:`reset_step_cache`) -> new
-   generation, step 0;
+1. no generation in progress for this thread, or the scheduler was restarted -> new generation, step 0;
 2. same timestep and a branch not seen yet in this step -> same step, another branch;
 3. same timestep and a branch already seen in this step -> next step (a second evaluation at the
-   same time, or two timesteps that became equal after rounding to bfloat16);
+   same time, or two timesteps that became equal after rounding to bfloat16); on a bare transformer
+   at step 0 it is a new generation instead (the previous one was aborted after its first step);
 4. timestep moved on in the generation's direction (set by its first change: Wan, SD3 and Flux
    descend, some pipelines ascend) -> next step;
-5. timestep moved against that direction -> new generation (the pipeline started over).
+5. timestep moved against that direction -> new generation on a bare transformer (the pipeline started
+   over), the next step when the scheduler marks generations.
 
 **What decides.** One decision per step, by the core's :class:`~stepcache.StepCacheState`, made at the
 step's first call and shared by all its branches. The history entry of each computed step is
@@ -35,7 +51,13 @@ every branch: a pipeline that calls cond and uncond separately (Wan, Flux true C
 that makes a single batched call holding both halves (SD3, CogVideoX, LTX) decide identically.
 These are the raw branch predictions: the hook never sees the guided (post-CFG) velocity that
 DreamZero compares. When the branches of two computed steps differ (a branch appears, disappears or
-changes shape), the history restarts, so the rule only ever compares like with like.
+changes shape), or the denoiser changes (Wan 2.2's ``transformer`` -> ``transformer_2``), the history
+restarts, so the rule only ever compares like with like; after a denoiser switch no output of the
+other expert is ever reused, and the switch step always runs.
+
+With ``solver_aware`` (needs the pipeline), the scheduler's ``step`` is driven by
+:class:`~stepcache.integrations.schedulers.SkipAwareStepper`: skipped steps never enter a multistep
+solver's memory.
 
 Caches that diffusers applies itself (``enable_cache`` or its ``apply_*`` functions) are refused:
 several of them count calls as steps, which step skipping would silently corrupt. accelerate's model
@@ -45,17 +67,22 @@ CPU offload must be enabled after :func:`apply_step_cache` (enforced; see ``_ref
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
+import os
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
-from stepcache.state import StepCacheState, StepRecord, TraceSummary
+from stepcache.integrations.schedulers import SkipAwareStepper, check_solver_aware_support
+from stepcache.state import StepCacheState, StepRecord, TraceSummary, extrapolate_prediction
 
 try:
     import diffusers
@@ -79,11 +106,16 @@ SUPPORTED_DIFFUSERS_VERSIONS = ">=0.35,<0.43"
 _SUPPORTED_RANGE = ((0, 35), (0, 43))
 
 _STEP_CACHE_HOOK = "stepcache_step_hook"
+# The names diffusers denoisers give their timestep argument, in the order they are looked for
+# (diffusers 0.42: `timestep` almost everywhere, HiDream `timesteps`, Z-Image `t`).
+_TIMESTEP_ARGS = ("timestep", "timesteps", "t")
 # Pipeline attributes that hold a denoiser (Wan 2.2 switches from `transformer` to `transformer_2`
 # mid-generation; both then share one decision state).
 _DENOISER_COMPONENTS = ("transformer", "transformer_2")
+# The attribute of a scheduler that StepCache watches (a _SchedulerGuard).
+_GUARD_ATTR = "_stepcache_guard"
 
-# What a step-boundary check concluded about one call (StepCacheHookState.locate).
+# What a step-boundary check concluded about one call (_Generation.locate).
 _NEW_GENERATION = "generation"
 _NEW_STEP = "step"
 _SAME_STEP = "branch"
@@ -91,105 +123,120 @@ _SAME_STEP = "branch"
 
 @dataclass(frozen=True)
 class StepCacheStats(TraceSummary):
-    """What StepCache did in the last (or the current) generation.
+    """What StepCache did in one generation (the calling thread's last one, else the latest of any thread).
 
     Attributes:
         trace: one :class:`~stepcache.StepRecord` per scheduler step (``step``, ``ran``, ``reason``,
-            ``similarity``: the cosine the rule computed there, None where it did not need one).
+            ``similarity``: the cosine of the last two computed velocities the rule read *before* that
+            step, None where it did not need one).
         branches: the branches seen (context names, or ``callN`` by position within a step).
         forwards: transformer forwards that ran (every branch of a computed step counts).
         reused_outputs: calls answered from the cache instead.
+        forwards_by_denoiser: forwards per denoiser (``transformer``, ``transformer_2``).
+        expected_steps: the step count the scheduler announced (None on a bare transformer).
     """
 
     trace: tuple[StepRecord, ...]
     branches: tuple[str, ...]
     forwards: int
     reused_outputs: int
+    forwards_by_denoiser: Mapping[str, int] = field(default_factory=dict)
+    expected_steps: int | None = None
 
     def summary(self) -> str:
-        return f"{super().summary()}; {self.forwards} forwards, {self.reused_outputs} reused outputs"
+        experts = ""
+        if len(self.forwards_by_denoiser) > 1:
+            experts = " (" + ", ".join(f"{name} {n}" for name, n in self.forwards_by_denoiser.items()) + ")"
+        return f"{super().summary()}; {self.forwards} forwards{experts}, {self.reused_outputs} reused outputs"
 
 
 @dataclass
-class _BranchOutput:
-    """A branch's last computed output and the input shape it answered."""
+class _BranchCache:
+    """A branch's last computed outputs (newest last, at most two) and the input shape they answered."""
 
     input_shape: tuple[int, ...] | None
-    output: Any
+    outputs: list[Any]
 
 
-class StepCacheHookState:
-    """What changes during one generation: where the sampler is, the decision and the cached outputs.
+class _Generation:
+    """One generation of one thread: where the sampler is, the decision, and the cached outputs."""
 
-    Shared by the hooks of every denoiser of one pipeline. Tensors are dropped when a generation ends;
-    the decision trace and the counters stay readable until the next generation starts.
-    """
-
-    def __init__(self, config: StepCacheConfig) -> None:
-        self.config = config
-        self.decision = StepCacheState(config)
+    def __init__(self, hook_state: StepCacheHookState, guard: _SchedulerGuard | None, epoch: int,
+                 num_steps: int | None) -> None:
+        self.config = hook_state.config
+        self.decision = StepCacheState(
+            hook_state.config, process_group=hook_state.process_group,
+            check_consistency=hook_state.check_consistency,
+        )
+        self.decision.reset(num_steps)
+        self.guard = guard
+        self.epoch = epoch
         self.velocity_history: list[tuple[torch.Tensor]] = []
         self._history_signature: tuple[Any, ...] | None = None
-        self.branch_outputs: dict[str, _BranchOutput] = {}
+        self.branch_cache: dict[str, _BranchCache] = {}
         self.branches: dict[str, None] = {}  # insertion-ordered set of every branch seen
         self.forwards = 0
         self.reused_outputs = 0
-        self.in_generation = False
-        self.generation = -1  # counts generations, so each hook checks once per generation
+        self.forwards_by_denoiser: dict[str, int] = {}
+        self.open = True
         self.step_timestep: float | None = None
         self.direction = 0  # +1 / -1 once the generation's timesteps have moved; 0 before
         self.step_runs = True
         self.step_branches: list[str] = []
         self.step_velocities: dict[str, torch.Tensor] = {}
+        self.denoiser: str | None = None
+        self.reuse_coefficient = 0.0
+
+    @property
+    def step(self) -> int:
+        return len(self.decision.trace) - 1
 
     def locate(self, timestep: float, context_name: str | None) -> tuple[str, str]:
         """Place one call by the module's rule, without changing anything: ``(event, branch)``."""
-        if not self.in_generation or self.step_timestep is None:
+        if not self.open or self.step_timestep is None:
             return _NEW_GENERATION, _branch_key(context_name, 0)
         if timestep == self.step_timestep:
             branch = _branch_key(context_name, len(self.step_branches))
-            return (_NEW_STEP if branch in self.step_branches else _SAME_STEP), branch
+            if branch not in self.step_branches:
+                return _SAME_STEP, branch
+            if self.guard is None and self.step == 0 and context_name is not None:
+                return _NEW_GENERATION, branch  # the same first step again: the last generation was aborted
+            return _NEW_STEP, branch
         moved = 1 if timestep > self.step_timestep else -1
-        if self.direction in (0, moved):
+        if self.direction in (0, moved) or self.guard is not None:
             return _NEW_STEP, _branch_key(context_name, 0)
         return _NEW_GENERATION, _branch_key(context_name, 0)
 
-    def enter(self, event: str, timestep: float, branch: str) -> None:
-        """Apply what :meth:`locate` found; a new step (or generation) is decided here, once."""
-        if event == _NEW_GENERATION:
-            self.begin_generation()
-        elif event == _NEW_STEP:
-            if timestep != self.step_timestep:
-                self.direction = 1 if timestep > self.step_timestep else -1
-            self._commit_step()
-        if event != _SAME_STEP:
+    def enter(self, event: str, timestep: float, branch: str, denoiser: str) -> None:
+        """Apply what :meth:`locate` found (never ``_NEW_GENERATION``); a new step is decided here, once."""
+        if event == _NEW_STEP or self.step_timestep is None:
+            if self.step_timestep is not None:
+                if timestep != self.step_timestep:
+                    self.direction = 1 if timestep > self.step_timestep else -1
+                self._commit_step()
+            if self.denoiser is not None and denoiser != self.denoiser:
+                # Another expert: never compare with, nor answer from, the previous expert's outputs.
+                logger.debug("step %d: denoiser %s -> %s; the history restarts", self.step + 1, self.denoiser,
+                             denoiser)
+                self.velocity_history.clear()
+                self._history_signature = None
+                self.branch_cache.clear()
+            self.denoiser = denoiser
             self.step_timestep = timestep
             self.step_branches = []
             self.step_velocities = {}
-            self.step_runs = self.decision.should_run_step(self.velocity_history)
+            self.step_runs = self.decision.should_run_step(self.velocity_history, timestep=timestep)
+            self.reuse_coefficient = 0.0 if self.step_runs else self.decision.reuse_coefficient()
         self.step_branches.append(branch)
         self.branches.setdefault(branch)
 
-    def begin_generation(self) -> None:
-        """Forget everything about the previous generation, its trace included."""
-        if self.decision.trace:
-            logger.debug("previous generation: %s", self.stats().summary())
-        self.end_generation()
-        self.decision.reset()
-        self.branches = {}
-        self.forwards = 0
-        self.reused_outputs = 0
-        self.direction = 0
-        self.in_generation = True
-        self.generation += 1
-
-    def end_generation(self) -> None:
+    def close(self) -> None:
         """The generation is over: free the cached tensors, keep the trace and counters."""
-        self.in_generation = False
+        self.open = False
         self.step_timestep = None
         self.velocity_history.clear()
         self._history_signature = None
-        self.branch_outputs.clear()
+        self.branch_cache.clear()
         self.step_branches = []
         self.step_velocities = {}
 
@@ -198,20 +245,27 @@ class StepCacheHookState:
         step whose branch has no computed output for this input shape yet)."""
         if self.step_runs:
             return None
-        cached = self.branch_outputs.get(branch)
+        cached = self.branch_cache.get(branch)
         if cached is None or cached.input_shape != input_shape:
-            logger.debug("step %d: branch %r has no reusable output; running it", self._step, branch)
+            logger.debug("step %d: branch %r has no reusable output; running it", self.step, branch)
             return None
         self.reused_outputs += 1
-        return _clone_output(cached.output)
+        latest = cached.outputs[-1]
+        if self.reuse_coefficient != 0.0 and len(cached.outputs) == 2:
+            return _extrapolated(latest, cached.outputs[0], self.reuse_coefficient)
+        return _clone_output(latest)
 
-    def record_output(self, branch: str, input_shape: tuple[int, ...] | None, output: Any) -> None:
+    def record_output(self, branch: str, input_shape: tuple[int, ...] | None, output: Any, denoiser: str) -> None:
         """Keep a computed output for reuse, and its velocity for the decision of later steps."""
         self.forwards += 1
-        if not self.config.enabled:  # nothing will ever be reused: keep no tensors
+        self.forwards_by_denoiser[denoiser] = self.forwards_by_denoiser.get(denoiser, 0) + 1
+        if not self.config.enabled:  # nothing will ever be reused or compared: keep no tensors
             return
         kept = _clone_output(output)
-        self.branch_outputs[branch] = _BranchOutput(input_shape, kept)
+        cached = self.branch_cache.get(branch)
+        if cached is None or cached.input_shape != input_shape:
+            cached = self.branch_cache[branch] = _BranchCache(input_shape, [])
+        cached.outputs = [*cached.outputs[-1:], kept]
         velocity = _velocity_of(kept)
         if self.step_runs and velocity is not None:
             self.step_velocities[branch] = velocity
@@ -222,11 +276,9 @@ class StepCacheHookState:
             branches=tuple(self.branches),
             forwards=self.forwards,
             reused_outputs=self.reused_outputs,
+            forwards_by_denoiser=dict(self.forwards_by_denoiser),
+            expected_steps=self.decision.generation_steps,
         )
-
-    @property
-    def _step(self) -> int:
-        return len(self.decision.trace) - 1
 
     def _commit_step(self) -> None:
         """Enter the finished step's velocities into the history, if that step was computed."""
@@ -242,11 +294,201 @@ class StepCacheHookState:
         signature = tuple((branch, tuple(v.shape), v.dtype, v.device) for branch, v in voting)
         if signature != self._history_signature:
             if self._history_signature is not None:
-                logger.debug("step %d: the branches changed; the velocity history restarts", self._step)
+                logger.debug("step %d: the branches changed; the velocity history restarts", self.step)
             self.velocity_history.clear()
             self._history_signature = signature
         self.velocity_history.append((torch.cat([v.detach() for _, v in voting], dim=0),))
         self.decision.trim_history(self.velocity_history)
+
+
+class StepCacheHookState:
+    """What the hooks of one pipeline's denoisers share: the config and each thread's generation."""
+
+    def __init__(self, config: StepCacheConfig, process_group: Any = None, check_consistency: bool = False) -> None:
+        self.config = config
+        self.process_group = process_group
+        self.check_consistency = check_consistency
+        self._lock = threading.Lock()
+        self._generations: dict[int, _Generation] = {}  # thread id -> its current (or last) generation
+        self._pending: dict[int, tuple[_SchedulerGuard, int, int]] = {}  # thread -> (guard, epoch, steps)
+        self._latest: _Generation | None = None
+        self.generations_started = 0
+
+    def announce_generation(self, guard: _SchedulerGuard, epoch: int, num_steps: int) -> None:
+        """The calling thread's scheduler was set up: its next call starts a generation of ``num_steps``."""
+        self.config.check_num_steps(num_steps)
+        with self._lock:
+            self._pending[threading.get_ident()] = (guard, epoch, num_steps)
+
+    def adjust_announced_steps(self, guard: _SchedulerGuard, num_steps: int) -> None:
+        """``set_begin_index`` (img2img) shortened the announced generation."""
+        thread = threading.get_ident()
+        with self._lock:
+            pending = self._pending.get(thread)
+            if pending is not None and pending[0] is guard:
+                self.config.check_num_steps(num_steps)
+                self._pending[thread] = (guard, pending[1], num_steps)
+
+    def generation_for(self, timestep: float, context_name: str | None) -> tuple[_Generation, str, str]:
+        """The calling thread's generation for this call (a new one where the rules say so),
+        with the event and the branch."""
+        thread = threading.get_ident()
+        with self._lock:
+            generation = self._generations.get(thread)
+            pending = self._pending.pop(thread, None)
+        if pending is not None:
+            return self._start(thread, *pending), _NEW_STEP, _branch_key(context_name, 0)
+        if (
+            generation is not None
+            and generation.open
+            and generation.guard is not None
+            and generation.guard.epoch != generation.epoch
+        ):
+            raise RuntimeError(
+                "this pipeline's scheduler was restarted by another thread while this thread's generation "
+                "was running; one diffusers pipeline cannot run two generations at once. Give each thread its "
+                "own pipeline (they can share the transformer and StepCache: "
+                "`type(pipe)(**{**pipe.components, 'scheduler': type(pipe.scheduler).from_config("
+                "pipe.scheduler.config)})`, then apply_step_cache() to it)"
+            )
+        if generation is None:
+            return self._start(thread, None, 0, None), _NEW_STEP, _branch_key(context_name, 0)
+        event, branch = generation.locate(timestep, context_name)
+        if event == _NEW_GENERATION:
+            return self._start(thread, None, 0, None), _NEW_STEP, _branch_key(context_name, 0)
+        return generation, event, branch
+
+    def generation_of_thread(self) -> _Generation | None:
+        with self._lock:
+            return self._generations.get(threading.get_ident())
+
+    def end_thread_generation(self) -> None:
+        """diffusers' end-of-call reset (CacheMixin transformers), from the thread that finished."""
+        generation = self.generation_of_thread()
+        if generation is not None:
+            generation.close()
+
+    def end_all(self) -> None:
+        """Every thread's next call starts a new generation."""
+        with self._lock:
+            generations = list(self._generations.values())
+            self._pending.clear()
+        for generation in generations:
+            generation.close()
+
+    def stats(self) -> StepCacheStats:
+        generation = self.generation_of_thread() or self._latest
+        if generation is None:
+            return StepCacheStats(trace=(), branches=(), forwards=0, reused_outputs=0)
+        return generation.stats()
+
+    def _start(self, thread: int, guard: _SchedulerGuard | None, epoch: int, num_steps: int | None) -> _Generation:
+        generation = _Generation(self, guard, epoch, num_steps)
+        with self._lock:
+            previous = self._generations.get(thread)
+            alive = {t.ident for t in threading.enumerate()}
+            for other in [t for t in self._generations if t not in alive]:  # threads that ended
+                del self._generations[other]
+            self._generations[thread] = generation
+            self._latest = generation
+            self.generations_started += 1
+        if previous is not None:
+            if previous.decision.trace:
+                logger.debug("previous generation: %s", previous.stats().summary())
+            previous.close()
+        return generation
+
+
+class _SchedulerGuard:
+    """Watches a pipeline's scheduler: ``set_timesteps`` announces each generation (and its step count),
+    ``step`` is refused to a thread whose generation another thread restarted, and, with
+    ``solver_aware``, skipped steps bypass the solver's memory.
+
+    Installed as instance attributes over the scheduler's own methods; :meth:`uninstall` removes them.
+    """
+
+    _METHODS = ("set_timesteps", "set_begin_index", "step")
+
+    def __init__(self, scheduler: Any, denoisers: Sequence[torch.nn.Module]) -> None:
+        self._scheduler = weakref.ref(scheduler)
+        self._denoisers = [weakref.ref(module) for module in denoisers]
+        self._lock = threading.RLock()
+        self.epoch = 0
+        self.owner: int | None = None
+        self._stepper: SkipAwareStepper | None = None
+        self._saved = {name: scheduler.__dict__.get(name) for name in self._METHODS}
+        for name, wrapper in (("set_timesteps", self._set_timesteps), ("step", self._step),
+                              ("set_begin_index", self._set_begin_index)):
+            if callable(getattr(scheduler, name, None)):
+                setattr(scheduler, name, _signed_like(getattr(scheduler, name), wrapper))
+        setattr(scheduler, _GUARD_ATTR, self)
+
+    def uninstall(self) -> None:
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return
+        for name, saved in self._saved.items():
+            if saved is None:
+                scheduler.__dict__.pop(name, None)
+            else:
+                scheduler.__dict__[name] = saved
+        scheduler.__dict__.pop(_GUARD_ATTR, None)
+
+    def hook_state(self) -> StepCacheHookState | None:
+        for ref in self._denoisers:
+            module = ref()
+            hook = _step_cache_hook(module) if module is not None else None
+            if hook is not None:
+                return hook.state
+        return None
+
+    def _original(self, name: str) -> Any:
+        scheduler = self._scheduler()
+        saved = self._saved[name]
+        return saved if saved is not None else getattr(type(scheduler), name).__get__(scheduler)
+
+    def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            result = self._original("set_timesteps")(*args, **kwargs)
+            self.epoch += 1
+            self.owner = threading.get_ident()
+            state = self.hook_state()
+            if state is not None:
+                state.announce_generation(self, self.epoch, len(self._scheduler().timesteps))
+                if state.config.solver_aware:
+                    self._stepper = SkipAwareStepper(self._scheduler())
+            return result
+
+    def _set_begin_index(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            result = self._original("set_begin_index")(*args, **kwargs)
+            scheduler = self._scheduler()
+            state = self.hook_state()
+            begin = getattr(scheduler, "begin_index", None) or 0
+            if state is not None and getattr(scheduler, "timesteps", None) is not None:
+                state.adjust_announced_steps(self, len(scheduler.timesteps) - begin)
+            return result
+
+    def _step(self, model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            thread = threading.get_ident()
+            if self.owner is not None and thread != self.owner:
+                raise RuntimeError(
+                    "this scheduler was restarted by another thread during this thread's generation; one diffusers "
+                    "pipeline cannot run two generations at once: give each thread its own pipeline"
+                )
+            state = self.hook_state()
+            generation = state.generation_of_thread() if state is not None else None
+            if (
+                self._stepper is not None
+                and generation is not None
+                and generation.guard is self
+                and generation.epoch == self.epoch
+                and generation.config.solver_aware
+            ):
+                return self._stepper.step(model_output, timestep, sample, *args, computed=generation.step_runs,
+                                          **kwargs)
+            return self._original("step")(model_output, timestep, sample, *args, **kwargs)
 
 
 class StepCacheHook(ModelHook):
@@ -254,9 +496,12 @@ class StepCacheHook(ModelHook):
 
     _is_stateful = True  # so pipelines of CacheMixin transformers tell it when a generation ends
 
-    def __init__(self, state: StepCacheHookState, timestep_position: int | None) -> None:
+    def __init__(self, state: StepCacheHookState, denoiser: str, timestep_arg: str,
+                 timestep_position: int | None) -> None:
         super().__init__()
         self.state = state
+        self.denoiser = denoiser
+        self._timestep_arg = timestep_arg
         self._timestep_position = timestep_position
         # A StateManager attribute is what diffusers' `cache_context` looks for on stateful hooks.
         self._context = _ContextNameProbe() if _ContextNameProbe is not None else None
@@ -267,52 +512,52 @@ class StepCacheHook(ModelHook):
         placed = self._place_call(module, args, kwargs)
         if placed is None:  # no timestep: the call cannot be placed in a step, so it runs untouched
             return self.fn_ref.original_forward(*args, **kwargs)
-        branch, input_shape = placed
-        cached = self.state.cached_output(branch, input_shape)
+        generation, branch, input_shape = placed
+        cached = generation.cached_output(branch, input_shape)
         if cached is not None:
             return cached
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.state.record_output(branch, input_shape, output)
+        generation.record_output(branch, input_shape, output, self.denoiser)
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         # Called by diffusers at the end of a pipeline call (CacheMixin transformers only): the next
         # call starts a new generation, but the stats of this one stay readable until then.
-        self.state.end_generation()
+        self.state.end_thread_generation()
         return module
 
     @torch.compiler.disable
     def _place_call(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[str, tuple[int, ...] | None] | None:
-        """Find the call's step and branch (deciding the step if it is new): ``(branch, input shape)``,
-        or None for a call without a usable timestep."""
+    ) -> tuple[_Generation, str, tuple[int, ...] | None] | None:
+        """Find the call's generation, step and branch (deciding the step if it is new), or None for a
+        call without a usable timestep."""
         timestep = self._timestep_of(args, kwargs)
         if timestep is None:
             if not self._warned_no_timestep:
                 self._warned_no_timestep = True
                 logger.warning(
-                    "%s was called without a usable `timestep`; StepCache leaves such calls alone",
+                    "%s was called without a usable `%s`; StepCache leaves such calls alone",
                     type(module).__name__,
+                    self._timestep_arg,
                 )
             return None
         context_name = self._context.name if self._context is not None else None
-        event, branch = self.state.locate(timestep, context_name)
-        generation = self.state.generation + (event == _NEW_GENERATION)
-        if generation != self._checked_generation:
-            # Once per generation and denoiser, before anything changes, so a refusal leaves no trace.
+        generation, event, branch = self.state.generation_for(timestep, context_name)
+        if self._checked_generation != self.state.generations_started:
+            # Once per generation and denoiser, before the step is decided, so a refusal leaves no trace.
             _refuse_other_caches(module)
-            self._checked_generation = generation
-        self.state.enter(event, timestep, branch)
+            self._checked_generation = self.state.generations_started
+        generation.enter(event, timestep, branch, self.denoiser)
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
         input_shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else None
-        return branch, input_shape
+        return generation, branch, input_shape
 
     def _timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-        """The call's timestep as one number: the largest value passed (per-token timesteps, as in
-        Wan 2.2 TI2V, hold 0 for the clean conditioning frame and the step's value elsewhere)."""
-        if "timestep" in kwargs:
-            value = kwargs["timestep"]
+        """The call's timestep argument as one number: the largest value passed (per-token timesteps, as
+        in Wan 2.2 TI2V, hold 0 for the clean conditioning frame and the step's value elsewhere)."""
+        if self._timestep_arg in kwargs:
+            value = kwargs[self._timestep_arg]
         elif self._timestep_position is not None and len(args) > self._timestep_position:
             value = args[self._timestep_position]
         else:
@@ -326,7 +571,7 @@ class StepCacheHook(ModelHook):
         return None
 
     def __repr__(self) -> str:
-        return f"StepCacheHook(config={self.state.config})"
+        return f"StepCacheHook({self.denoiser}, config={self.state.config})"
 
 
 if StateManager is not None and hasattr(StateManager, "set_context"):
@@ -336,22 +581,27 @@ if StateManager is not None and hasattr(StateManager, "set_context"):
             pass
 
     class _ContextNameProbe(StateManager):
-        """Receives the name a pipeline passes to ``transformer.cache_context(name)``.
+        """Receives the name a pipeline passes to ``transformer.cache_context(name)``, per thread.
 
         diffusers hands the context to every ``StateManager`` attribute of a stateful hook (a
-        ``CacheContext`` since 0.42, the bare name before); this one only remembers the name.
+        ``CacheContext`` since 0.42, the bare name before); this one only remembers the name, in
+        thread-local storage, so that threads sharing a transformer never see each other's branch.
         """
 
         def __init__(self) -> None:
             super().__init__(_NoState)
-            self.name: str | None = None
+            self._local = threading.local()
+
+        @property
+        def name(self) -> str | None:
+            return getattr(self._local, "name", None)
 
         def set_context(self, context: Any) -> None:
             name = getattr(context, "name", context)
-            self.name = None if name is None else str(name)
+            self._local.name = None if name is None else str(name)
 
         def reset(self, *args: Any, **kwargs: Any) -> None:
-            self.name = None
+            self._local.name = None
 
 else:  # pragma: no cover - a diffusers without cache contexts: branches are told apart by position
     _ContextNameProbe = None
@@ -360,21 +610,37 @@ else:  # pragma: no cover - a diffusers without cache contexts: branches are tol
 def apply_step_cache(
     pipe_or_transformer: Any,
     config: StepCacheConfig | DiffusionCacheConfig | Mapping[str, Any] | str | None = None,
+    *,
+    timestep_arg: str | None = None,
+    process_group: Any = None,
+    check_consistency: bool = False,
 ) -> None:
     """Make a diffusers pipeline skip whole transformer forwards while its velocities stay aligned.
 
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, if present, ``transformer_2`` are
-            hooked, sharing one decision state), or the denoiser module itself.
+            hooked, sharing one decision state, and its scheduler marks generations), or the denoiser
+            module itself.
         config: a :class:`~stepcache.StepCacheConfig`, or anything
             :func:`~stepcache.as_diffusion_cache_config` accepts (a :class:`~stepcache.DiffusionCacheConfig`,
-            a dict or JSON string of its fields, or None for the defaults: thresholds (0.95, 0.93),
-            countdowns (4, 2)).
+            a dict or JSON string of its fields, a path to a saved config, a preset name, or None for the
+            defaults: thresholds (0.95, 0.93), countdowns (4, 2)).
+        timestep_arg: the name of the denoiser's timestep argument, read to find scheduler steps. None:
+            the first of ``timestep``, ``timesteps`` (HiDream), ``t`` (Z-Image) that its ``forward`` takes.
+        process_group: a ``torch.distributed`` group whose ranks each hold part of the transformer's
+            output (sequence-sharded tokens, or one CFG branch per rank): the decision signals are
+            reduced across it so every rank decides alike (see docs/distributed.md).
+        check_consistency: with a group, check each decision across ranks (tests, debugging).
+
+    Applying the same config again is a no-op (a second pipeline that shares the transformer gets its
+    scheduler watched); another config on a hooked transformer is refused: remove it first.
 
     Raises:
-        ValueError: not a pipeline or module; StepCache already applied; a diffusers cache
-            (``enable_cache``) already active; CPU offload already enabled (apply StepCache first);
-            a denoiser whose ``forward`` takes no ``timestep``; a bad config (the error names the field).
+        ValueError: not a pipeline or module; StepCache already applied with another config; a
+            diffusers cache (``enable_cache``) already active; CPU offload already enabled (apply
+            StepCache first); a denoiser whose ``forward`` takes no such timestep argument; options
+            that need the pipeline's scheduler (``final_steps``, ``solver_aware``) on a bare module;
+            a scheduler that solver-aware skipping cannot drive; a bad config (the error names the field).
 
     Example::
 
@@ -383,19 +649,37 @@ def apply_step_cache(
     _warn_if_untested_diffusers()
     step_config = _as_step_cache_config(config)
     denoisers = _denoisers(pipe_or_transformer)
+    scheduler = None if isinstance(pipe_or_transformer, torch.nn.Module) else getattr(
+        pipe_or_transformer, "scheduler", None
+    )
+    needs_scheduler = [name for name, on in (("step_cache_dit_final_steps", step_config.final_steps),
+                                             ("step_cache_dit_solver_aware", step_config.solver_aware)) if on]
+    if needs_scheduler and scheduler is None:
+        raise ValueError(
+            f"{needs_scheduler} need the pipeline's scheduler (for the step count, or to drive its solver): "
+            "apply StepCache to the pipeline, not to the bare transformer"
+        )
+    if step_config.solver_aware:
+        check_solver_aware_support(scheduler)
+    existing = [_step_cache_hook(module) for _, module in denoisers]
+    if any(hook is not None for hook in existing):
+        hooked = next(hook for hook in existing if hook is not None)
+        if hooked.state.config != step_config or any(hook is None for hook in existing):
+            names = ", ".join(name for (name, _), hook in zip(denoisers, existing) if hook is not None)
+            raise ValueError(
+                f"StepCache is already applied to {names} with another config ({hooked.state.config}); call "
+                "remove_step_cache() first to apply it with this one"
+            )
+        _watch_scheduler(scheduler, [module for _, module in denoisers])
+        return
     positions = []
     for name, module in denoisers:  # check every denoiser before hooking any
-        if _step_cache_hook(module) is not None:
-            raise ValueError(
-                f"StepCache is already applied to {name} ({type(module).__name__}); "
-                "call remove_step_cache() first to apply it with another config"
-            )
         _refuse_other_caches(module, name)
         _refuse_accelerate_hook(module, name, "apply_step_cache() before enabling it")
-        positions.append(_timestep_position(module, name))
-    state = StepCacheHookState(step_config)
-    for (name, module), position in zip(denoisers, positions):
-        hook = StepCacheHook(state, position)
+        positions.append(_timestep_position(module, name, timestep_arg))
+    state = StepCacheHookState(step_config, process_group, check_consistency)
+    for (name, module), (arg, position) in zip(denoisers, positions):
+        hook = StepCacheHook(state, name, arg, position)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _STEP_CACHE_HOOK)
         if hook.fn_ref is None or hook.fn_ref.original_forward is None:  # the hook API changed under us
             remove_step_cache(pipe_or_transformer)
@@ -404,10 +688,12 @@ def apply_step_cache(
                 f"{name}; supported versions: diffusers{SUPPORTED_DIFFUSERS_VERSIONS}"
             )
         logger.debug("StepCache applied to %s (%s): %s", name, type(module).__name__, step_config)
+    _watch_scheduler(scheduler, [module for _, module in denoisers])
 
 
 def remove_step_cache(pipe_or_transformer: Any) -> None:
-    """Remove the StepCache hook(s) and restore the transformer's own ``forward``.
+    """Remove the StepCache hook(s) and restore the transformer's own ``forward`` (and the scheduler's
+    own methods, for a pipeline).
 
     Raises:
         ValueError: StepCache is not applied to it; CPU offload is enabled on top of it (call
@@ -427,11 +713,18 @@ def remove_step_cache(pipe_or_transformer: Any) -> None:
     if not removed:
         names = ", ".join(name for name, _ in denoisers)
         raise ValueError(f"StepCache is not applied to {names}; nothing to remove")
+    scheduler = None if isinstance(pipe_or_transformer, torch.nn.Module) else getattr(
+        pipe_or_transformer, "scheduler", None
+    )
+    guard = getattr(scheduler, _GUARD_ATTR, None)
+    if isinstance(guard, _SchedulerGuard):
+        guard.uninstall()
 
 
 def get_step_cache_stats(pipe_or_transformer: Any) -> StepCacheStats:
-    """Stats of the last generation (or of the one in progress): steps computed and skipped, the
-    schedule, the per-step similarity trace, forwards run and outputs reused.
+    """Stats of the calling thread's last generation (or of the one in progress; from another thread,
+    the latest generation of any thread): steps computed and skipped, the schedule, the per-step
+    similarity trace, forwards run and outputs reused.
 
     Raises:
         ValueError: StepCache is not applied to it.
@@ -440,15 +733,36 @@ def get_step_cache_stats(pipe_or_transformer: Any) -> StepCacheStats:
 
 
 def reset_step_cache(pipe_or_transformer: Any) -> None:
-    """Make the next transformer call start a new generation.
+    """Make the next transformer call of every thread start a new generation.
 
-    Only needed where the timestep rule cannot see the boundary: e.g. back-to-back one-step
-    generations through a transformer that is not a ``CacheMixin``.
+    Only needed on a bare transformer where the timestep rule cannot see the boundary: e.g. back-to-back
+    one-step generations through a transformer that is not a ``CacheMixin``. Applied to a pipeline,
+    StepCache sees each generation start by itself.
     """
-    _hook_state(pipe_or_transformer).end_generation()
+    _hook_state(pipe_or_transformer).end_all()
 
 
 # --- private helpers ---------------------------------------------------------------------------
+
+
+def _watch_scheduler(scheduler: Any, denoisers: list[torch.nn.Module]) -> None:
+    if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+        return
+    guard = getattr(scheduler, _GUARD_ATTR, None)
+    if isinstance(guard, _SchedulerGuard):
+        guard.uninstall()
+    _SchedulerGuard(scheduler, denoisers)
+
+
+def _signed_like(original: Any, implementation: Any) -> Any:
+    """A function that calls ``implementation`` but shows ``original``'s signature: pipelines inspect it
+    (diffusers' ``retrieve_timesteps`` looks for a ``sigmas`` argument of ``set_timesteps``)."""
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return implementation(*args, **kwargs)
+
+    return wrapper
 
 
 def _branch_key(context_name: str | None, position: int) -> str:
@@ -466,6 +780,19 @@ def _velocity_of(output: Any) -> torch.Tensor | None:
     if isinstance(output, Sequence) and not isinstance(output, str) and len(output) > 0:
         return output[0] if isinstance(output[0], torch.Tensor) else None
     return None
+
+
+def _extrapolated(latest: Any, previous: Any, coefficient: float) -> Any:
+    """A copy of ``latest`` whose velocity is extrapolated from ``previous`` (other fields reused)."""
+    new, old = _velocity_of(latest), _velocity_of(previous)
+    (velocity,) = extrapolate_prediction((new,), (old,), coefficient)
+    out = _clone_output(latest)
+    if isinstance(out, torch.Tensor):
+        return velocity
+    if isinstance(out, Mapping):
+        out[next(iter(out.keys()))] = velocity
+        return out
+    return type(out)([velocity, *out[1:]])
 
 
 def _clone_output(output: Any) -> Any:
@@ -488,10 +815,10 @@ def _clone_output(output: Any) -> Any:
 def _as_step_cache_config(config: Any) -> StepCacheConfig:
     if isinstance(config, StepCacheConfig):
         return config
-    if config is not None and not isinstance(config, (DiffusionCacheConfig, Mapping, str)):
+    if config is not None and not isinstance(config, (DiffusionCacheConfig, Mapping, str, os.PathLike)):
         raise ValueError(
-            f"config must be a StepCacheConfig, a DiffusionCacheConfig, a dict or JSON string of its fields, "
-            f"or None; got {type(config).__name__}: {config!r}"
+            f"config must be a StepCacheConfig, a DiffusionCacheConfig, a dict or JSON string of its fields, a "
+            f"path to a saved config, a preset name, or None; got {type(config).__name__}: {config!r}"
         )
     return StepCacheConfig.from_diffusion_cache_config(as_diffusion_cache_config(config))
 
@@ -530,25 +857,36 @@ def _hook_state(pipe_or_transformer: Any) -> StepCacheHookState:
     raise ValueError(f"StepCache is not applied to {names}; call apply_step_cache() first")
 
 
-def _timestep_position(module: torch.nn.Module, name: str) -> int | None:
-    """Where ``timestep`` sits among the positional arguments of the module's own ``forward``.
+def _timestep_position(module: torch.nn.Module, name: str, timestep_arg: str | None) -> tuple[str, int | None]:
+    """``(argument name, position)``: the module's timestep argument (``timestep_arg``, or the first
+    of :data:`_TIMESTEP_ARGS` it takes) and where it sits among the positional arguments of its own
+    ``forward`` (None: keyword-only).
 
     Read from the class, not the instance: another hook's wrapper may hide the real signature.
     """
+    if timestep_arg is not None and (not isinstance(timestep_arg, str) or not timestep_arg.isidentifier()):
+        raise ValueError(
+            f"timestep_arg must be the name of an argument of the denoiser's forward; got {timestep_arg!r}"
+        )
     try:
         parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # drop self
     except (TypeError, ValueError):
         parameters = []
     names = [p.name for p in parameters]
-    if "timestep" not in names:
+    candidates = (timestep_arg,) if timestep_arg is not None else _TIMESTEP_ARGS
+    found = next((arg for arg in candidates if arg in names), None)
+    if found is None:
+        wanted = f"`{candidates[0]}` argument"
+        if timestep_arg is None:
+            wanted += " (nor " + " or ".join(f"`{arg}`" for arg in candidates[1:]) + ")"
         raise ValueError(
-            f"{name} ({type(module).__name__}) has no `timestep` argument in its forward "
-            f"(arguments: {names}); StepCache reads it to find scheduler steps"
+            f"{name} ({type(module).__name__}) has no {wanted} in its forward (arguments: {names}); "
+            "StepCache reads the timestep to find scheduler steps: name it with apply_step_cache(..., timestep_arg=...)"
         )
-    position = names.index("timestep")
+    position = names.index(found)
     kind = parameters[position].kind
     positional = kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return position if positional else None
+    return found, (position if positional else None)
 
 
 def _other_cache(module: torch.nn.Module) -> str | None:

@@ -36,6 +36,7 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from stepcache import StepRecord, get_stepcache_state, is_stepcache_active, velocity_similarity
+from stepcache.integrations.schedulers import SkipAwareStepper
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, KVCache
 from stepcache.models.dreamzero.world import instruction_index
 
@@ -207,7 +208,11 @@ class DreamZeroPipeline:
         caching = is_stepcache_active(self)
         cache_state = get_stepcache_state(self) if caching else None
         if cache_state is not None:
-            cache_state.reset()  # every chunk is a new generation
+            cache_state.reset(steps)  # every chunk is a new generation
+        # Solver-aware skipping: skipped steps never enter the UniPC memory (see SkipAwareStepper).
+        solver_aware = cache_state is not None and cache_state.config.solver_aware
+        video_stepper = SkipAwareStepper(self.video_scheduler) if solver_aware else None
+        action_stepper = SkipAwareStepper(self.action_scheduler) if solver_aware else None
         history: list[tuple[torch.Tensor, ...]] = []
         video_velocity = action_velocity = None
         ran: list[bool] = []
@@ -217,7 +222,7 @@ class DreamZeroPipeline:
         for i in range(steps):
             t_video = self.video_scheduler.timesteps[i]
             t_action = self.action_scheduler.timesteps[i]
-            run = cache_state.should_run_step(history) if cache_state is not None else True
+            run = cache_state.should_run_step(history, timestep=t_video) if cache_state is not None else True
             if run:
                 out = self.transformer(
                     video.repeat(branches, 1, 1, 1),
@@ -240,15 +245,21 @@ class DreamZeroPipeline:
                 action_velocity = raw_action[:batch]  # actions follow the conditional branch only
                 computed.append(video_velocity)
                 if cache_state is not None:
-                    history.append((video_velocity,))
+                    history.append((video_velocity, action_velocity))
                     cache_state.trim_history(history)
             else:
-                computed.append(None)  # skipped: video_velocity / action_velocity are the cached ones
+                computed.append(None)
+                # skipped: the cached (or extrapolated) video and action velocities
+                video_velocity, action_velocity = cache_state.reused_prediction(history)
             ran.append(run)
             if i == steps - 1:
                 video_x0 = video - self.video_scheduler.sigmas[i] * video_velocity
-            video = self.video_scheduler.step(video_velocity, t_video, video).prev_sample
-            actions = self.action_scheduler.step(action_velocity, t_action, actions).prev_sample
+            if solver_aware:
+                video = video_stepper.step(video_velocity, t_video, video, computed=run).prev_sample
+                actions = action_stepper.step(action_velocity, t_action, actions, computed=run).prev_sample
+            else:
+                video = self.video_scheduler.step(video_velocity, t_video, video).prev_sample
+                actions = self.action_scheduler.step(action_velocity, t_action, actions).prev_sample
 
         final_video = video_x0 if cfg.decoupled_video_noise else video
         predicted = ((final_video + 1.0) / 2.0).clamp(0.0, 1.0)
