@@ -221,9 +221,10 @@ class StepCacheConfig:
         policy: not in the seed. ``"similarity"`` (default): the seed's thresholds and countdowns.
             ``"error_budget"``: skip while the accumulated estimate of the relative error of reusing
             the last velocity stays within ``error_budget``. At step ``i`` the estimate is
-            ``||v1 - v2|| / ||v1|| * |t_i - t1| / |t1 - t2|`` (the last two computed velocities and
-            their times, a linear model of the velocity in time: magnitude and direction both count,
-            and long gaps cost more), worst sample of the batch; a computed step starts a new sum.
+            ``||v1 - v2|| / ||v1|| * |t_i - t1| / |t1 - t2| * |t_i - t_{i+1}| / |t_0|``: the velocity's
+            relative change between the last two computed steps (worst sample of the batch; magnitude
+            and direction both count), scaled linearly to step ``i``'s distance from the last computed
+            step, times the share of the path the step integrates. A computed step starts a new sum.
         error_budget: the budget of ``"error_budget"`` (> 0); smaller runs more steps.
         warmup_steps: the first ``warmup_steps`` steps always run (on top of ``min_history_steps``).
         final_steps: the last ``final_steps`` steps always run (the velocity turns most at the end);
@@ -231,7 +232,8 @@ class StepCacheConfig:
         max_skip_steps: at most this many consecutive skipped steps (None: no cap).
         reuse: what a skipped step answers with: ``"cache"`` (the seed: the last computed prediction)
             or ``"extrapolate"``: ``v1 + damping * (v1 - v2) * (t - t1) / (t1 - t2)`` from the last
-            two computed predictions (every tensor of the tuple), exact for a velocity linear in time.
+            two computed predictions (every tensor of the tuple), exact for a velocity linear in time
+            up to one measured gap ahead, held at that distance beyond.
         extrapolation_damping: ``damping`` above, in [0, 1] (DreamZero's unused helper used 0.25).
         solver_aware: for multistep solvers (UniPC, DPM-Solver++): a skipped step takes a first-order
             step with the reused velocity and never enters the solver's memory; the next computed step

@@ -164,8 +164,7 @@ class VelocityCache:
             entry = _clone(entry)
             prediction = _rebuild(prediction, entry)
         self.state.commit_step(decision)
-        self.history.append(entry)
-        self.state.trim_history(self.history)
+        self.state.push_computed(self.history, entry)
         self._last_prediction = prediction
         self.ran_last_step = True
         return prediction

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from stepcache.config import ERROR_BUDGET_POLICY, REUSE_EXTRAPOLATE, StepCacheConfig
+from stepcache.recording import RecordedStep, active_recording, detached_copy
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +192,16 @@ def reuse_error_estimate(relative_change: float, t: float, t1: float, t2: float)
 
 def extrapolation_coefficient(t: float, t1: float, t2: float, damping: float) -> float:
     """``c`` in ``v(t) = v1 + c (v1 - v2)``: the first-order extrapolation from ``(t2, v2)`` and
-    ``(t1, v1)`` to ``t``, scaled by ``damping`` (0 when ``t1 == t2``)."""
-    return 0.0 if t1 == t2 else damping * (t - t1) / (t1 - t2)
+    ``(t1, v1)`` to ``t``, scaled by ``damping`` (0 when ``t1 == t2``).
+
+    The linear guess is trusted at most one measured gap ahead (``|t - t1| <= |t1 - t2|``): beyond
+    that, a difference measured over a short gap would be stretched over a long one (two close warm-up
+    steps extrapolated across a long skip window diverge), so ``c`` is capped at ``damping``.
+    """
+    if t1 == t2:
+        return 0.0
+    ratio = (t - t1) / (t1 - t2)
+    return damping * max(-1.0, min(1.0, ratio))
 
 
 def extrapolate_prediction(latest: Sequence[Any], previous: Sequence[Any], coefficient: float) -> tuple[Any, ...]:
@@ -435,14 +444,33 @@ class StepCacheState(TraceSummary):
 
     # -- generation boundaries ---------------------------------------------------------------------
 
-    def reset(self, num_steps: int | None = None) -> None:
+    def reset(self, num_steps: int | None = None, *, timesteps: Sequence[Any] | None = None) -> None:
         """Start a new generation (of ``num_steps`` steps, when known): no countdown, empty trace.
 
+        Args:
+            num_steps: the generation's step count (needed by ``final_steps``; checked against a fixed
+                schedule; a step past it is refused).
+            timesteps: optional, the time of every step (sigma or timestep, any unit affine in sigma),
+                ``num_steps`` values, or ``num_steps + 1`` with the time the last step goes to (0 when
+                not given). Steps planned without a ``timestep`` take theirs from here; the
+                ``error_budget`` policy reads each step's size from it.
+
         Raises:
-            ValueError: the config cannot apply to ``num_steps`` steps (a fixed schedule past the end).
+            ValueError: the config cannot apply to ``num_steps`` steps (a fixed schedule past the end),
+                or ``timesteps`` does not match ``num_steps``.
         """
         if num_steps is not None:
             self.config.check_num_steps(num_steps)
+        schedule = None
+        if timesteps is not None:
+            schedule = tuple(_as_time(t) for t in timesteps)
+            if num_steps is None or len(schedule) not in (num_steps, num_steps + 1):
+                raise ValueError(
+                    f"timesteps must hold num_steps ({num_steps}) or num_steps + 1 values, got {len(schedule)}"
+                )
+            if len(schedule) == num_steps:
+                schedule = (*schedule, 0.0)
+        self._schedule = schedule
         self.generation_steps = num_steps
         self.skip_countdown = 0
         self.consecutive_skips = 0
@@ -452,6 +480,8 @@ class StepCacheState(TraceSummary):
         self._signals_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._signals: VelocitySignals | None = None
         self._warned_non_finite = False
+        recording = active_recording()
+        self._recorded = None if recording is None else recording.start(num_steps, schedule)
 
     @property
     def step_index(self) -> int:
@@ -482,6 +512,8 @@ class StepCacheState(TraceSummary):
                 "(or open the next `with cache.generation(...)`) before the next generation"
             )
         t = _as_time(timestep)
+        if t is None and self._schedule is not None:
+            t = self._schedule[step]
         if self.check_consistency:
             self._check_ranks_agree(step, "state before the decision", self._decision_state(len(prev_predictions)))
         decision = decide(
@@ -519,6 +551,8 @@ class StepCacheState(TraceSummary):
                 decision.estimated_error,
             )
         )
+        if self._recorded is not None:
+            self._recorded.steps.append(RecordedStep(decision.step, decision.run, decision.reason, decision.timestep))
         if decision.reason == NON_FINITE and not self._warned_non_finite:
             self._warned_non_finite = True
             logger.warning(
@@ -546,6 +580,16 @@ class StepCacheState(TraceSummary):
         excess = len(prev_predictions) - self.config.max_history
         if excess > 0:
             del prev_predictions[:excess]
+
+    def push_computed(self, prev_predictions: list[Any], prediction: Sequence[Any], **extras: Any) -> None:
+        """Append the prediction of the step just computed to the history and trim it (the seed's two
+        calls), recording it when a :func:`~stepcache.recording.record_generations` block is open."""
+        prev_predictions.append(tuple(prediction))
+        self.trim_history(prev_predictions)
+        if self._recorded is not None and self._recorded.steps and self._recorded.steps[-1].ran:
+            record = self._recorded.steps[-1]
+            record.prediction = detached_copy(tuple(prediction))
+            record.extras.update(extras)
 
     def reuse_coefficient(self) -> float:
         """For the step just decided as skipped: ``c`` such that it answers with
@@ -593,7 +637,22 @@ class StepCacheState(TraceSummary):
 
     def _reuse_error(self, prev_predictions: Sequence[Sequence[Any]], step: int, timestep: float | None) -> float:
         change = self._signals_of(prev_predictions).relative_change
-        return reuse_error_estimate(change, *self._times(step, timestep))
+        return reuse_error_estimate(change, *self._times(step, timestep)) * self._step_share(step, timestep)
+
+    def _step_share(self, step: int, timestep: float | None) -> float:
+        """The share of the whole path that step ``step`` integrates: its size over the span from the
+        first step's time to the end (0). From the schedule when :meth:`reset` got one; else the
+        previous step's size stands in for this one's (the last step's is its own time); without times,
+        ``1 / num_steps``."""
+        if self._schedule is not None:
+            return abs(self._schedule[step] - self._schedule[step + 1]) / max(abs(self._schedule[0]), 1e-12)
+        first = self.trace[0].timestep if self.trace else None
+        previous = self.trace[step - 1].timestep if 0 < step <= len(self.trace) else None
+        if None in (timestep, first, previous) or first == 0:
+            return 1.0 / (self.generation_steps or 16)
+        if self.generation_steps is not None and step == self.generation_steps - 1:
+            return abs(timestep) / abs(first)
+        return abs(previous - timestep) / abs(first)
 
     # -- ranks -------------------------------------------------------------------------------------
 

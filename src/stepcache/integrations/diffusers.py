@@ -162,13 +162,14 @@ class _Generation:
     """One generation of one thread: where the sampler is, the decision, and the cached outputs."""
 
     def __init__(self, hook_state: StepCacheHookState, guard: _SchedulerGuard | None, epoch: int,
-                 num_steps: int | None) -> None:
+                 num_steps: int | None, schedule: list[float] | None = None) -> None:
         self.config = hook_state.config
         self.decision = StepCacheState(
             hook_state.config, process_group=hook_state.process_group,
             check_consistency=hook_state.check_consistency,
         )
-        self.decision.reset(num_steps)
+        self.decision.reset(num_steps, timesteps=schedule)
+        self._committed = -1  # the last step whose velocities entered the history
         self.guard = guard
         self.epoch = epoch
         self.velocity_history: list[tuple[torch.Tensor]] = []
@@ -280,10 +281,16 @@ class _Generation:
             expected_steps=self.decision.generation_steps,
         )
 
+    def finish_step(self) -> None:
+        """The current step is complete (its scheduler step is being taken): enter its velocities."""
+        if self.step_timestep is not None:
+            self._commit_step()
+
     def _commit_step(self) -> None:
-        """Enter the finished step's velocities into the history, if that step was computed."""
-        if not self.step_runs or not self.step_velocities:
+        """Enter the finished step's velocities into the history (once), if that step was computed."""
+        if self._committed == self.step or not self.step_runs or not self.step_velocities:
             return
+        self._committed = self.step
         computed = [(b, self.step_velocities[b]) for b in self.step_branches if b in self.step_velocities]
         # Batch-stack the branches that share the first one's per-sample shape; a branch of another
         # shape (rare: e.g. a lower-resolution pass) is cached but does not vote.
@@ -297,8 +304,11 @@ class _Generation:
                 logger.debug("step %d: the branches changed; the velocity history restarts", self.step)
             self.velocity_history.clear()
             self._history_signature = signature
-        self.velocity_history.append((torch.cat([v.detach() for _, v in voting], dim=0),))
-        self.decision.trim_history(self.velocity_history)
+        self.decision.push_computed(
+            self.velocity_history,
+            (torch.cat([v.detach() for _, v in voting], dim=0),),
+            branches={b: v for b, v in computed},
+        )
 
 
 class StepCacheHookState:
@@ -310,24 +320,27 @@ class StepCacheHookState:
         self.check_consistency = check_consistency
         self._lock = threading.Lock()
         self._generations: dict[int, _Generation] = {}  # thread id -> its current (or last) generation
-        self._pending: dict[int, tuple[_SchedulerGuard, int, int]] = {}  # thread -> (guard, epoch, steps)
+        # thread -> (guard, epoch, steps, schedule): what its scheduler announced for its next generation
+        self._pending: dict[int, tuple[_SchedulerGuard, int, int, list[float] | None]] = {}
         self._latest: _Generation | None = None
         self.generations_started = 0
 
-    def announce_generation(self, guard: _SchedulerGuard, epoch: int, num_steps: int) -> None:
-        """The calling thread's scheduler was set up: its next call starts a generation of ``num_steps``."""
-        self.config.check_num_steps(num_steps)
+    def announce_generation(self, guard: _SchedulerGuard, epoch: int, schedule: list[float]) -> None:
+        """The calling thread's scheduler was set up: its next call starts a generation of these steps
+        (``schedule``: their timesteps)."""
+        self.config.check_num_steps(len(schedule))
         with self._lock:
-            self._pending[threading.get_ident()] = (guard, epoch, num_steps)
+            self._pending[threading.get_ident()] = (guard, epoch, len(schedule), schedule)
 
-    def adjust_announced_steps(self, guard: _SchedulerGuard, num_steps: int) -> None:
-        """``set_begin_index`` (img2img) shortened the announced generation."""
+    def adjust_announced_steps(self, guard: _SchedulerGuard, begin: int) -> None:
+        """``set_begin_index`` (img2img) starts the announced generation at step ``begin``."""
         thread = threading.get_ident()
         with self._lock:
             pending = self._pending.get(thread)
-            if pending is not None and pending[0] is guard:
-                self.config.check_num_steps(num_steps)
-                self._pending[thread] = (guard, pending[1], num_steps)
+            if pending is not None and pending[0] is guard and pending[3] is not None:
+                schedule = pending[3][begin:]
+                self.config.check_num_steps(len(schedule))
+                self._pending[thread] = (guard, pending[1], len(schedule), schedule)
 
     def generation_for(self, timestep: float, context_name: str | None) -> tuple[_Generation, str, str]:
         """The calling thread's generation for this call (a new one where the rules say so),
@@ -352,10 +365,10 @@ class StepCacheHookState:
                 "pipe.scheduler.config)})`, then apply_step_cache() to it)"
             )
         if generation is None:
-            return self._start(thread, None, 0, None), _NEW_STEP, _branch_key(context_name, 0)
+            return self._start(thread, None, 0, None, None), _NEW_STEP, _branch_key(context_name, 0)
         event, branch = generation.locate(timestep, context_name)
         if event == _NEW_GENERATION:
-            return self._start(thread, None, 0, None), _NEW_STEP, _branch_key(context_name, 0)
+            return self._start(thread, None, 0, None, None), _NEW_STEP, _branch_key(context_name, 0)
         return generation, event, branch
 
     def generation_of_thread(self) -> _Generation | None:
@@ -382,8 +395,11 @@ class StepCacheHookState:
             return StepCacheStats(trace=(), branches=(), forwards=0, reused_outputs=0)
         return generation.stats()
 
-    def _start(self, thread: int, guard: _SchedulerGuard | None, epoch: int, num_steps: int | None) -> _Generation:
-        generation = _Generation(self, guard, epoch, num_steps)
+    def _start(
+        self, thread: int, guard: _SchedulerGuard | None, epoch: int, num_steps: int | None,
+        schedule: list[float] | None,
+    ) -> _Generation:
+        generation = _Generation(self, guard, epoch, num_steps, schedule)
         with self._lock:
             previous = self._generations.get(thread)
             alive = {t.ident for t in threading.enumerate()}
@@ -454,7 +470,7 @@ class _SchedulerGuard:
             self.owner = threading.get_ident()
             state = self.hook_state()
             if state is not None:
-                state.announce_generation(self, self.epoch, len(self._scheduler().timesteps))
+                state.announce_generation(self, self.epoch, [float(t) for t in self._scheduler().timesteps])
                 if state.config.solver_aware:
                     self._stepper = SkipAwareStepper(self._scheduler())
             return result
@@ -465,8 +481,8 @@ class _SchedulerGuard:
             scheduler = self._scheduler()
             state = self.hook_state()
             begin = getattr(scheduler, "begin_index", None) or 0
-            if state is not None and getattr(scheduler, "timesteps", None) is not None:
-                state.adjust_announced_steps(self, len(scheduler.timesteps) - begin)
+            if state is not None:
+                state.adjust_announced_steps(self, begin)
             return result
 
     def _step(self, model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
@@ -479,6 +495,8 @@ class _SchedulerGuard:
                 )
             state = self.hook_state()
             generation = state.generation_of_thread() if state is not None else None
+            if generation is not None and generation.open and generation.guard is self:
+                generation.finish_step()
             if (
                 self._stepper is not None
                 and generation is not None

@@ -208,7 +208,8 @@ class DreamZeroPipeline:
         caching = is_stepcache_active(self)
         cache_state = get_stepcache_state(self) if caching else None
         if cache_state is not None:
-            cache_state.reset(steps)  # every chunk is a new generation
+            # Every chunk is a new generation; the video's sigmas give each step's time and size.
+            cache_state.reset(steps, timesteps=self.video_scheduler.sigmas.tolist())
         # Solver-aware skipping: skipped steps never enter the UniPC memory (see SkipAwareStepper).
         solver_aware = cache_state is not None and cache_state.config.solver_aware
         video_stepper = SkipAwareStepper(self.video_scheduler) if solver_aware else None
@@ -222,7 +223,7 @@ class DreamZeroPipeline:
         for i in range(steps):
             t_video = self.video_scheduler.timesteps[i]
             t_action = self.action_scheduler.timesteps[i]
-            run = cache_state.should_run_step(history, timestep=t_video) if cache_state is not None else True
+            run = cache_state.should_run_step(history) if cache_state is not None else True
             if run:
                 out = self.transformer(
                     video.repeat(branches, 1, 1, 1),
@@ -245,8 +246,7 @@ class DreamZeroPipeline:
                 action_velocity = raw_action[:batch]  # actions follow the conditional branch only
                 computed.append(video_velocity)
                 if cache_state is not None:
-                    history.append((video_velocity, action_velocity))
-                    cache_state.trim_history(history)
+                    cache_state.push_computed(history, (video_velocity, action_velocity))
             else:
                 computed.append(None)
                 # skipped: the cached (or extrapolated) video and action velocities
