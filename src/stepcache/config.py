@@ -32,7 +32,8 @@ DREAMZERO_STATIC_RUN_STEPS = (0, 1, 2, 6, 10, 13, 14, 15)
 # The decision rules (``policy``): the seed's cosine thresholds, or an accumulated error estimate.
 SIMILARITY_POLICY = "similarity"
 ERROR_BUDGET_POLICY = "error_budget"
-POLICIES = (SIMILARITY_POLICY, ERROR_BUDGET_POLICY)
+PLANNED_POLICY = "planned"
+POLICIES = (SIMILARITY_POLICY, ERROR_BUDGET_POLICY, PLANNED_POLICY)
 # What a skipped step answers with (``reuse``): the last computed prediction, or a first-order
 # extrapolation in time from the last two.
 REUSE_CACHED = "cache"
@@ -49,6 +50,8 @@ USER_FIELD_NAMES: dict[str, str] = {
     "static_run_steps": "step_cache_dit_static_steps",
     "policy": "step_cache_dit_policy",
     "error_budget": "velocity_error_budget",
+    "forward_budget": "step_cache_dit_forward_budget",
+    "forward_fraction": "step_cache_dit_forward_fraction",
     "warmup_steps": "step_cache_dit_warmup_steps",
     "final_steps": "step_cache_dit_final_steps",
     "max_skip_steps": "step_cache_dit_max_skip_steps",
@@ -162,6 +165,26 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
             f"at which a skip window ends), got {budget!r}"
         )
     out["error_budget"] = float(budget)
+    forwards, fraction = values["forward_budget"], values["forward_fraction"]
+    if forwards is not None:
+        forwards = _count(name("forward_budget"), forwards, 1, "computed steps per generation")
+    if fraction is not None and (not _is_real(fraction) or math.isnan(fraction) or not 0.0 < fraction <= 1.0):
+        raise ValueError(
+            f"{name('forward_fraction')} must be a number in (0, 1] (the share of the steps computed), "
+            f"got {fraction!r}"
+        )
+    if out["policy"] == PLANNED_POLICY and (forwards is None) == (fraction is None):
+        raise ValueError(
+            f"{name('policy')} {PLANNED_POLICY!r} needs exactly one of {name('forward_budget')} (forwards per "
+            f"generation) and {name('forward_fraction')} (their share of the steps), got {forwards!r} and {fraction!r}"
+        )
+    if out["policy"] != PLANNED_POLICY and (forwards is not None or fraction is not None):
+        raise ValueError(
+            f"{name('forward_budget')} and {name('forward_fraction')} belong to {name('policy')} "
+            f"{PLANNED_POLICY!r}; with {out['policy']!r} they would be ignored: drop them or set the policy"
+        )
+    out["forward_budget"] = forwards
+    out["forward_fraction"] = None if fraction is None else float(fraction)
     out["warmup_steps"] = _count(name("warmup_steps"), values["warmup_steps"], 0, "leading steps that always run")
     out["final_steps"] = _count(name("final_steps"), values["final_steps"], 0, "trailing steps that always run")
     max_skips = values["max_skip_steps"]
@@ -225,7 +248,14 @@ class StepCacheConfig:
             relative change between the last two computed steps (worst sample of the batch; magnitude
             and direction both count), scaled linearly to step ``i``'s distance from the last computed
             step, times the share of the path the step integrates. A computed step starts a new sum.
+            ``"planned"``: a fixed number of forwards per generation (``forward_budget``, or
+            ``forward_fraction`` of the steps), placed at generation start where the sampler's own
+            sigma schedule says reuse costs least (:func:`stepcache.policies.plan_schedule`): no
+            signal is read, nothing is calibrated; needs the generation's timesteps (every entry point
+            passes them).
         error_budget: the budget of ``"error_budget"`` (> 0); smaller runs more steps.
+        forward_budget: ``"planned"``: computed steps per generation (>= 1; capped at the step count).
+        forward_fraction: ``"planned"``: computed steps as a share of the step count, in (0, 1].
         warmup_steps: the first ``warmup_steps`` steps always run (on top of ``min_history_steps``).
         final_steps: the last ``final_steps`` steps always run (the velocity turns most at the end);
             needs the generation's step count (every entry point passes it).
@@ -252,7 +282,9 @@ class StepCacheConfig:
     skip_countdowns: tuple[int, ...] = (4, 2)
     static_run_steps: tuple[int, ...] | None = None
     policy: str = SIMILARITY_POLICY
-    error_budget: float = 0.5
+    error_budget: float = 0.05
+    forward_budget: int | None = None
+    forward_fraction: float | None = None
     warmup_steps: int = 0
     final_steps: int = 0
     max_skip_steps: int | None = None
@@ -276,6 +308,8 @@ class StepCacheConfig:
         if self.policy == SIMILARITY_POLICY:
             longest = max(self.skip_countdowns, default=0)
             return longest if self.max_skip_steps is None else min(longest, self.max_skip_steps)
+        if self.policy == PLANNED_POLICY:
+            return None  # the plan's own windows; warm-up, final steps and the cap still apply
         return self.max_skip_steps
 
     @property
@@ -341,6 +375,8 @@ class DiffusionCacheConfig:
     step_cache_dit_static_steps: list[int] | None = None
     step_cache_dit_policy: str = SIMILARITY_POLICY
     velocity_error_budget: float = StepCacheConfig.error_budget
+    step_cache_dit_forward_budget: int | None = None
+    step_cache_dit_forward_fraction: float | None = None
     step_cache_dit_warmup_steps: int = 0
     step_cache_dit_final_steps: int = 0
     step_cache_dit_max_skip_steps: int | None = None
@@ -425,11 +461,22 @@ class DiffusionCacheConfig:
         return dataclasses.asdict(self)
 
 
-# Named configs for users who do not calibrate. "seed" is vLLM-Omni's defaults; see docs/benchmarks.md
-# ("choosing a policy") for how the others were chosen and on which inputs they were measured.
+# Named configs for users who do not calibrate. "seed" is vLLM-Omni's defaults; "fast", "balanced" and
+# "quality" compute 1/4, 3/8 and 1/2 of the steps (4, 6 and 8 of 16). docs/benchmarks.md ("choosing a
+# policy") says how they were chosen (calibration inputs) and how they score (held-out inputs).
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
+    # A share of the steps computed where the sampler's sigma schedule says reuse costs least; skipped
+    # steps extrapolate and bypass the multistep solver's memory. No signal, nothing to calibrate.
+    "fast": {"step_cache_dit_policy": "planned", "step_cache_dit_forward_fraction": 0.25,
+             "step_cache_dit_solver_aware": True, "velocity_reuse": "extrapolate"},
+    "balanced": {"step_cache_dit_policy": "planned", "step_cache_dit_forward_fraction": 0.375,
+                 "step_cache_dit_solver_aware": True, "velocity_reuse": "extrapolate"},
+    "quality": {"step_cache_dit_policy": "planned", "step_cache_dit_forward_fraction": 0.5,
+                "step_cache_dit_solver_aware": True, "velocity_reuse": "extrapolate"},
 }
+# The preset the docs recommend to users who do not calibrate.
+RECOMMENDED_PRESET = "balanced"
 
 
 def as_diffusion_cache_config(

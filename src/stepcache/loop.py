@@ -116,11 +116,13 @@ class VelocityCache:
     def config(self) -> StepCacheConfig:
         return self.state.config
 
-    def reset(self, num_steps: int | None = None) -> None:
+    def reset(self, num_steps: int | None = None, *, timesteps: Any = None) -> None:
         """Start a new generation (of ``num_steps`` steps, when known): forget the history and the
         countdown. With ``num_steps``, a step past the end is an error, so a missing ``reset()`` before
-        the next generation cannot go unnoticed."""
-        self.state.reset(num_steps)
+        the next generation cannot go unnoticed. ``timesteps``: every step's time (``num_steps`` values,
+        or ``num_steps + 1`` with the end), which the ``planned`` policy needs and the ``error_budget``
+        policy uses (see :meth:`StepCacheState.reset`)."""
+        self.state.reset(num_steps, timesteps=None if timesteps is None else list(timesteps))
         self.history.clear()
         self._last_prediction = None
         self.ran_last_step = False
@@ -128,11 +130,11 @@ class VelocityCache:
         self._phase = _OPEN
 
     @contextlib.contextmanager
-    def generation(self, num_steps: int | None = None) -> Iterator[VelocityCache]:
-        """``with cache.generation(num_steps):`` one generation; steps after the block are an error
-        until the next one starts. The cached tensors are dropped when the block ends, also when it
-        ends with an exception."""
-        self.reset(num_steps)
+    def generation(self, num_steps: int | None = None, *, timesteps: Any = None) -> Iterator[VelocityCache]:
+        """``with cache.generation(num_steps):`` one generation (see :meth:`reset` for the arguments);
+        steps after the block are an error until the next one starts. The cached tensors are dropped
+        when the block ends, also when it ends with an exception."""
+        self.reset(num_steps, timesteps=timesteps)
         try:
             yield self
         finally:

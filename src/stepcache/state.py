@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from stepcache.config import ERROR_BUDGET_POLICY, REUSE_EXTRAPOLATE, StepCacheConfig
+from stepcache.config import ERROR_BUDGET_POLICY, PLANNED_POLICY, REUSE_EXTRAPOLATE, StepCacheConfig
+from stepcache.policies import plan_schedule, planned_forwards
 from stepcache.recording import RecordedStep, active_recording, detached_copy
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,10 @@ WITHIN_BUDGET = "within_budget"  # error_budget policy: the accumulated estimate
 OVER_BUDGET = "over_budget"  # error_budget policy: the estimate would pass the budget: run
 NON_FINITE = "non_finite"  # similarity or error estimate NaN or infinite: run
 STATIC = "static"  # decided by the config's fixed schedule (static_run_steps)
+PLANNED = "planned"  # decided by the plan made at generation start (policy "planned")
 REASONS = (
     DISABLED, WARMUP, FINAL, MAX_SKIPS, COUNTDOWN, REFRESH, SIMILAR, DISSIMILAR, WITHIN_BUDGET, OVER_BUDGET,
-    NON_FINITE, STATIC,
+    NON_FINITE, STATIC, PLANNED,
 )
 
 # Per-sample sums a decision is made of (columns of velocity_statistics).
@@ -233,11 +235,13 @@ def decide(
     consecutive_skips: int = 0,
     accumulated_error: float = 0.0,
     reuse_error: Callable[[], float] | None = None,
+    plan: frozenset[int] | None = None,
 ) -> StepDecision:
     """Apply the rule to step ``step`` (the module docstring gives the order).
 
     ``similarity`` and ``reuse_error`` (the ``error_budget`` policy's estimate for this step) are
-    called only where the rule needs them. ``num_steps`` is needed only by ``final_steps``.
+    called only where the rule needs them. ``num_steps`` is needed only by ``final_steps``; ``plan``
+    (the steps to compute) only by the ``planned`` policy.
     """
     if not config.enabled:
         return StepDecision(True, DISABLED, skip_countdown)
@@ -255,11 +259,22 @@ def decide(
             )
         if step >= num_steps - config.final_steps:
             return StepDecision(True, FINAL, 0)
-    if history_length < config.min_history_steps:
+    if history_length < config.min_history_steps and config.policy != PLANNED_POLICY:  # a plan reads no signal
         return StepDecision(True, WARMUP, 0)
     if config.max_skip_steps is not None and consecutive_skips >= config.max_skip_steps:
         return StepDecision(True, MAX_SKIPS, 0)
     skipped = consecutive_skips + 1
+    if config.policy == PLANNED_POLICY:
+        if plan is None:
+            raise RuntimeError(
+                "the planned policy needs the generation's step count and timesteps to plan its forwards: pass "
+                "them when the generation starts (StepCacheState.reset(num_steps, timesteps=...), "
+                "VelocityCache.generation(num_steps, timesteps=...)); the bundled pipeline and the diffusers "
+                "hook pass them"
+            )
+        if step in plan:
+            return StepDecision(True, PLANNED, 0)
+        return StepDecision(False, PLANNED, 0, consecutive_skips=skipped)
     if config.policy == ERROR_BUDGET_POLICY:
         if reuse_error is None:
             raise ValueError("the error_budget policy needs reuse_error")
@@ -472,6 +487,10 @@ class StepCacheState(TraceSummary):
                 schedule = (*schedule, 0.0)
         self._schedule = schedule
         self.generation_steps = num_steps
+        self._plan = None
+        if self.config.enabled and self.config.policy == PLANNED_POLICY and schedule is not None:
+            forwards = planned_forwards(num_steps, self.config.forward_budget, self.config.forward_fraction)
+            self._plan = frozenset(plan_schedule(schedule, forwards))
         self.skip_countdown = 0
         self.consecutive_skips = 0
         self.accumulated_error = 0.0
@@ -487,6 +506,11 @@ class StepCacheState(TraceSummary):
     def step_index(self) -> int:
         """The index of the next step to decide."""
         return len(self.trace)
+
+    @property
+    def plan(self) -> tuple[int, ...] | None:
+        """The ``planned`` policy's steps to compute in this generation (None for the other rules)."""
+        return None if self._plan is None else tuple(sorted(self._plan))
 
     @property
     def finished(self) -> bool:
@@ -526,6 +550,7 @@ class StepCacheState(TraceSummary):
             consecutive_skips=self.consecutive_skips,
             accumulated_error=self.accumulated_error,
             reuse_error=lambda: self._reuse_error(prev_predictions, step, t),
+            plan=self._plan,
         )
         decision = dataclasses.replace(decision, step=step, timestep=t)
         if self.check_consistency:

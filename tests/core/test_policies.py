@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -244,3 +245,71 @@ def test_every_option_round_trips_through_the_user_config():
     user = config.to_diffusion_cache_config()
     assert user.step_cache_dit_policy == "error_budget" and user.velocity_reuse == "extrapolate"
     assert StepCacheConfig.from_diffusion_cache_config(DiffusionCacheConfig.from_dict(user.to_dict())) == config
+
+
+# --- the planned policy ----------------------------------------------------------------------------
+
+monotone_schedules = st.lists(st.floats(0.001, 1.0), min_size=2, max_size=13, unique=True).map(
+    lambda xs: [*sorted(xs, reverse=True), 0.0]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(times=monotone_schedules, data=st.data())
+def test_the_plan_is_the_cheapest_set_of_k_steps_with_step_0(times, data):
+    import itertools
+
+    from stepcache.policies import plan_schedule, window_costs
+
+    n = len(times) - 1
+    k = data.draw(st.integers(1, n))
+    plan = plan_schedule(times, k)
+    assert len(plan) == k and plan[0] == 0 and list(plan) == sorted(set(plan))
+    cost = window_costs(times)
+
+    def total(steps):
+        return sum(cost[a, b] for a, b in zip(steps, (*steps[1:], n)))
+
+    best = min(total((0, *rest)) for rest in itertools.combinations(range(1, n), k - 1))
+    assert total(plan) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_planned_policy_runs_exactly_its_plan_through_the_loop_helper():
+    sigmas = [1.0 - (i / 16) ** 0.5 for i in range(16)] + [0.0]
+    config = StepCacheConfig(policy="planned", forward_budget=5)
+    cache = VelocityCache(config)
+    with cache.generation(16, timesteps=sigmas):
+        for s in sigmas[:-1]:
+            cache.step(lambda s=s: torch.full((1, 2), s), timestep=s)
+    from stepcache.policies import plan_schedule
+
+    assert cache.state.run_steps == list(plan_schedule(sigmas, 5)) == list(cache.state.plan)
+    assert cache.state.run_steps[0] == 0 and cache.state.computed_steps == 5  # no min-history warm-up
+
+
+def test_planned_policy_without_timesteps_is_a_clear_error():
+    cache = VelocityCache(StepCacheConfig(policy="planned", forward_fraction=0.25))
+    with cache.generation(16), pytest.raises(RuntimeError, match="needs the generation's step count and timesteps"):
+        cache.step(lambda: torch.ones(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [({"policy": "planned"}, "exactly one of"), ({"policy": "planned", "forward_budget": 4, "forward_fraction": 0.5},
+     "exactly one of"), ({"forward_budget": 4}, "would be ignored"), ({"policy": "planned", "forward_fraction": 1.5},
+     "(0, 1]"), ({"policy": "planned", "forward_budget": 0}, ">= 1")],
+)
+def test_planned_policy_fields_are_validated(kwargs, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        StepCacheConfig(**kwargs)
+
+
+def test_presets_are_valid_and_plan_their_share():
+    from stepcache.config import PRESETS, RECOMMENDED_PRESET
+
+    assert RECOMMENDED_PRESET in PRESETS
+    for name, expected in (("fast", 4), ("balanced", 6), ("quality", 8)):
+        config = StepCacheConfig.from_diffusion_cache_config(DiffusionCacheConfig.preset(name))
+        state = StepCacheState(config)
+        state.reset(16, timesteps=[1 - i / 16 for i in range(17)])
+        assert len(state.plan) == expected
