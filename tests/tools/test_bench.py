@@ -108,3 +108,20 @@ def test_static_mask_scales_to_other_step_counts():
     assert scaled_static_mask(16) == (0, 1, 2, 6, 10, 13, 14, 15)
     mask = scaled_static_mask(31)
     assert mask[0] == 0 and mask[-1] == 30 and len(mask) == 8
+
+
+def test_the_frontier_buckets_rows_at_the_next_budget_up():
+    from stepcache.tools.benchmark.harness import Method, Row
+    from stepcache.tools.benchmark.report import frontier, frontier_table
+
+    def row(family, nfe, psnr):
+        return Row(Method(family, {}, 16), nfe, 1.0, 1.0, {"psnr_db": psnr}, {}, None)
+
+    rows = [row("full", 16, None), row("fewer_steps", 4, 21.0), row("step_cache", 4.56, 22.0),
+            row("step_cache", 4.0, 19.0), row("planned", 4, 28.0), row("planned", 6, 34.0), row("oracle", 11, 50.0)]
+    table = frontier(rows, [4, 5, 6, 8, 10])
+    assert table[4]["step_cache"].fidelity["psnr_db"] == 19.0  # 4.56 counts at 5, not at 4
+    assert table[5]["step_cache"].nfe == 4.56
+    assert table[4]["planned"].fidelity["psnr_db"] == 28.0 and "oracle" not in table[10]
+    text = frontier_table(rows, [4, 5, 6, 8, 10])
+    assert "| <= 4 | 21 (4.00) | 19 (4.00) | 28 (4.00) | planned |" in text

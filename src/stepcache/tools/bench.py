@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from stepcache.tools.benchmark.harness import BenchTarget
-from stepcache.tools.benchmark.report import benchmark_json, markdown_table, plot_fidelity
-from stepcache.tools.benchmark.suite import run_benchmark
+from stepcache.tools.benchmark.report import (
+    benchmark_json,
+    frontier_json,
+    frontier_table,
+    markdown_table,
+    plot_fidelity,
+    plot_frontier,
+)
+from stepcache.tools.benchmark.suite import FRONTIER_BUDGETS, run_benchmark
 from stepcache.tools.common import (
+    UsageError,
     add_json_argument,
     add_progress_argument,
     add_threads_argument,
@@ -44,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a smoke run: fewer samples, settings and repeats; not for timing")
     parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                         help="timed repeats per method (default: 3, 1 with --quick)")
-    parser.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the evaluated inputs")
+    parser.add_argument("--calibration-seed", type=seed_int, default=None, metavar="SEED",
+                        help="seed of the inputs calibrated configs are tuned on (default: --seed + 1); "
+                             "never the evaluated ones")
     add_json_argument(parser, "write the rows and the run's versions to this JSON file")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write the plot and the table here (bench-MODEL.png, bench-MODEL.md)")
@@ -53,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    if args.calibration_seed is None:
+        args.calibration_seed = args.seed + 1
+    if args.calibration_seed == args.seed:
+        raise UsageError(
+            f"--calibration-seed {args.calibration_seed} is the evaluated --seed: calibration must use other inputs"
+        )
     if args.out is not None:
         args.out = prepare_out_dir(args.out)
     if args.json is not None:
@@ -117,12 +134,19 @@ def run(args: argparse.Namespace) -> int:
         result = run_benchmark(target, quick=args.quick, repeats=repeats, progress=progress)
         bar.update(len(PHASES) - bar.n)
 
+    budgets = [b for b in FRONTIER_BUDGETS if b < target.num_steps]
     table = markdown_table(result.rows)
-    title = f"{args.model}: {target.num_steps} steps, fidelity against the full-step output of the same seed"
+    best = frontier_table(result.rows, budgets)
+    title = (
+        f"{args.model}: {target.num_steps} steps, fidelity against the full-step output of the same inputs "
+        f"(evaluated inputs: seed {args.seed}; calibration inputs: seed {args.calibration_seed})"
+    )
     if args.quick:
         table = f"{QUICK_NOTE}\n\n{table}\n\n{QUICK_NOTE}"
     print(f"\n{title}\n")
     print(table)
+    print("\nthe frontier: per forward budget, each family's best PSNR (dB) and its forwards\n")
+    print(best)
     for name, reason in result.skipped_peers.items():
         print(f"\n{name}: not run ({reason})")
     if result.oracle is not None:
@@ -138,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
             for_timing=not args.quick,
             **({"note": QUICK_NOTE} if args.quick else {}),
             repeats=repeats,
+            seed=args.seed,
+            calibration_seed=args.calibration_seed,
+            frontier=frontier_json(result.rows, budgets),
             skipped_peers=result.skipped_peers,
             oracle_schedules_sampled=None if result.oracle is None else result.oracle.evaluations,
             run=run_metadata(args),
@@ -147,7 +174,10 @@ def run(args: argparse.Namespace) -> int:
         plot_path = args.out / f"bench-{args.model}.png"
         table_path = args.out / f"bench-{args.model}.md"
         suffix = " [--quick: not for timing]" if args.quick else ""
+        frontier_path = args.out / f"frontier-{args.model}.png"
         plot_fidelity(result.rows, plot_path, f"{args.model}: fidelity vs compute ({target.num_steps} steps){suffix}")
-        table_path.write_text(f"{title}\n\n{table}\n")
-        print(f"wrote {plot_path} and {table_path}")
+        plot_frontier(result.rows, budgets, frontier_path,
+                      f"{args.model}: best of each family per forward budget (seed {args.seed}){suffix}")
+        table_path.write_text(f"{title}\n\n{table}\n\nFrontier (best PSNR per budget, forwards)\n\n{best}\n")
+        print(f"wrote {plot_path}, {frontier_path} and {table_path}")
     return 0

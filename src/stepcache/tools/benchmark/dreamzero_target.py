@@ -35,6 +35,8 @@ from stepcache.tools.benchmark.metrics import psnr_db, ssim
 
 logger = logging.getLogger(__name__)
 
+# World seeds of a target with seed s: s * SEED_STRIDE + (0, 1, ...) replayed, + SEED_STRIDE // 2 + ... closed loop.
+SEED_STRIDE = 1000
 # 32x32 frames: a 7x7 SSIM window keeps a margin-free map of reasonable size.
 SSIM_KERNEL = 7
 NOT_APPLICABLE = (
@@ -61,12 +63,13 @@ class RecordedEpisode:
 
 
 class DreamZeroTarget(BenchTarget):
-    """Replays ``episodes`` recorded episodes (world seeds ``seed``, ``seed + 1``, ...).
+    """Replays ``episodes`` recorded episodes (world seeds ``SEED_STRIDE * seed``, ``+ 1``, ...).
 
     Args:
         pipeline: a loaded :class:`~stepcache.models.dreamzero.pipeline.DreamZeroPipeline`.
         episodes: episodes whose chunks are replayed for fidelity and timing.
-        closed_loop_episodes: fresh episodes (seeds after the replayed ones) each method drives itself
+        closed_loop_episodes: fresh episodes (world seeds from ``SEED_STRIDE * seed + SEED_STRIDE // 2``) each
+            method drives itself
             for the success rate; 0 turns the quality scores off.
         seed: the first world seed (also seeds the chunk noise).
     """
@@ -84,8 +87,12 @@ class DreamZeroTarget(BenchTarget):
         self.num_steps = pipeline.config.num_inference_steps
         self.seed = seed
         self.world_config = WorldConfig()
-        self.closed_loop_seeds = [seed + episodes + i for i in range(closed_loop_episodes)]
-        self.recorded = [self._record(seed + i) for i in range(episodes)]
+        if episodes > SEED_STRIDE // 2 or closed_loop_episodes > SEED_STRIDE // 2:
+            raise ValueError(f"at most {SEED_STRIDE // 2} episodes of each kind, got {episodes}, {closed_loop_episodes}")
+        # Targets of different seeds never share a world seed: a config calibrated on one is held out on another.
+        first = SEED_STRIDE * seed
+        self.closed_loop_seeds = [first + SEED_STRIDE // 2 + i for i in range(closed_loop_episodes)]
+        self.recorded = [self._record(first + i) for i in range(episodes)]
 
     # -- episodes -------------------------------------------------------------------------------
     def episode_generator(self, episode_seed: int) -> torch.Generator:

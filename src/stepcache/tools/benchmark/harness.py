@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 # Method families (the `method` field of a result row).
 FULL = "full"
 FEWER_STEPS = "fewer_steps"
-STEP_CACHE = "step_cache"
+STEP_CACHE = "step_cache"  # the seed's similarity rule, its defaults and a sweep
+PLANNED = "planned"  # policy "planned": a forward budget placed on the sigma schedule (the presets)
+ERROR_BUDGET = "error_budget"  # policy "error_budget": the adaptive accumulated-error rule
+CALIBRATED = "calibrated"  # stepcache.calibrate on the calibration inputs, evaluated on the others
 STATIC_MASK = "static_mask"
 ORACLE = "oracle"
 
