@@ -88,7 +88,9 @@ class DreamZeroTarget(BenchTarget):
         self.seed = seed
         self.world_config = WorldConfig()
         if episodes > SEED_STRIDE // 2 or closed_loop_episodes > SEED_STRIDE // 2:
-            raise ValueError(f"at most {SEED_STRIDE // 2} episodes of each kind, got {episodes}, {closed_loop_episodes}")
+            raise ValueError(
+                f"at most {SEED_STRIDE // 2} episodes of each kind, got {episodes} and {closed_loop_episodes}"
+            )
         # Targets of different seeds never share a world seed: a config calibrated on one is held out on another.
         first = SEED_STRIDE * seed
         self.closed_loop_seeds = [first + SEED_STRIDE // 2 + i for i in range(closed_loop_episodes)]
