@@ -45,20 +45,29 @@ class CacheBackend(abc.ABC):
         return self.enabled
 
 
-def enable_dreamzero_stepcache(pipeline: Any, config: DiffusionCacheConfig) -> None:
-    """Enable stepcache for DreamZeroPipeline: set its ``_stepcache_config`` and ``_stepcache_state``."""
+def enable_dreamzero_stepcache(
+    pipeline: Any, config: DiffusionCacheConfig, *, process_group: Any = None, check_consistency: bool = False
+) -> None:
+    """Enable stepcache for DreamZeroPipeline: set its ``_stepcache_config`` and ``_stepcache_state``.
+
+    ``process_group``: the ranks that hold the pipeline's guided video velocity or shards of it (for the
+    bundled model, ``ParallelWorldActionDiT.decision_group``), see :class:`~stepcache.StepCacheState`;
+    None: one process.
+    """
     step_config = StepCacheConfig.from_diffusion_cache_config(config)
+    state = StepCacheState(step_config, process_group=process_group, check_consistency=check_consistency)
     setattr(pipeline, STEP_CACHE_CONFIG_ATTR, step_config)
-    setattr(pipeline, STEP_CACHE_STATE_ATTR, StepCacheState(step_config))
+    setattr(pipeline, STEP_CACHE_STATE_ATTR, state)
 
 
-# Pipeline class name -> function that attaches StepCache to it.
-CUSTOM_STEPCACHE_ENABLERS: dict[str, Callable[[Any, DiffusionCacheConfig], None]] = {
+# Pipeline class name -> function that attaches StepCache to it: ``enabler(pipeline, config)``, called
+# with the keywords ``process_group`` and ``check_consistency`` too when a group is given.
+CUSTOM_STEPCACHE_ENABLERS: dict[str, Callable[..., None]] = {
     "DreamZeroPipeline": enable_dreamzero_stepcache,
 }
 
 
-def _find_enabler(pipeline: Any) -> Callable[[Any, DiffusionCacheConfig], None] | None:
+def _find_enabler(pipeline: Any) -> Callable[..., None] | None:
     # Walk the class hierarchy so a subclass of a supported pipeline is supported too.
     for cls in type(pipeline).__mro__:
         enabler = CUSTOM_STEPCACHE_ENABLERS.get(cls.__name__)
@@ -78,7 +87,18 @@ class StepCacheBackend(CacheBackend):
     def __init__(self, config: DiffusionCacheConfig | Mapping[str, Any] | str | None = None) -> None:
         super().__init__(as_diffusion_cache_config(config))
 
-    def enable(self, pipeline: Any) -> None:
+    def enable(self, pipeline: Any, *, process_group: Any = None, check_consistency: bool = False) -> None:
+        """Attach StepCache to ``pipeline`` (once, at load).
+
+        Args:
+            pipeline: a supported pipeline (see ``CUSTOM_STEPCACHE_ENABLERS``).
+            process_group: a ``torch.distributed`` group across which the pipeline's velocity is sharded
+                (every rank of it calls ``enable`` with the same config): the decision signals are
+                reduced across it, so every rank decides alike (docs/distributed.md). None: one process;
+                nothing distributed is used.
+            check_consistency: with a group, check every decision across its ranks and raise on a
+                mismatch (tests, debugging; two small all_gathers per step).
+        """
         enabler = _find_enabler(pipeline)
         if enabler is None:
             raise ValueError(
@@ -86,7 +106,12 @@ class StepCacheBackend(CacheBackend):
                 f"{sorted(CUSTOM_STEPCACHE_ENABLERS)} (register an enabler in CUSTOM_STEPCACHE_ENABLERS, "
                 "or use stepcache.integrations.diffusers.apply_step_cache for diffusers pipelines)"
             )
-        enabler(pipeline, self.config)
+        if check_consistency and process_group is None:
+            raise ValueError("check_consistency needs a process_group")
+        if process_group is None:
+            enabler(pipeline, self.config)  # enablers registered for one process take (pipeline, config)
+        else:
+            enabler(pipeline, self.config, process_group=process_group, check_consistency=check_consistency)
         self.enabled = True
         logger.debug("stepcache enabled on %s: %s", type(pipeline).__name__, get_stepcache_config(pipeline))
 

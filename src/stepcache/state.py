@@ -17,9 +17,10 @@ wrap it: a fixed schedule (``static_run_steps``) replaces steps 2-5; ``warmup_st
 ``final_steps`` and ``max_skip_steps`` force runs before step 3; ``policy="error_budget"`` replaces
 steps 3-5 by an accumulated error estimate. With the defaults, every decision is the seed's.
 
-Everything here is tensors and numbers. The only collective (``process_group``, for velocities sharded
-across ranks) reduces the per-sample sums the signals are made of; ``torch.distributed`` is imported
-only when a group is given.
+Everything here is tensors and numbers. With a ``process_group`` (velocities split across ranks), one
+collective reduces the per-sample sums the signals are made of, so every rank decides alike, and the
+optional check adds two small all_gathers per step; without one, no collective is called (see
+docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -162,15 +164,57 @@ def signals_from_statistics(stats: torch.Tensor) -> VelocitySignals:
     return VelocitySignals(similarity=similarity, relative_change=relative_change)
 
 
-def velocity_signals(latest: torch.Tensor, previous: torch.Tensor, process_group: Any = None) -> VelocitySignals:
-    """The signals of two velocities; with ``process_group``, of the velocities whose shards the ranks
-    of the group hold (one ``all_reduce`` of a ``(B, 4)`` float64 tensor)."""
+def velocity_signals(
+    latest: torch.Tensor,
+    previous: torch.Tensor,
+    process_group: Any = None,
+    *,
+    batch_part: tuple[int, int] | None = None,
+) -> VelocitySignals:
+    """The signals of two velocities; with ``process_group``, of the velocities whose parts the ranks
+    of the group hold (one ``all_reduce``, see :func:`reduce_statistics`)."""
     stats = velocity_statistics(latest, previous)
     if process_group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(stats, group=process_group)
+        stats = reduce_statistics(stats, process_group, batch_part=batch_part)
     return signals_from_statistics(stats)
+
+
+def reduce_statistics(
+    stats: torch.Tensor, process_group: Any, *, batch_part: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The :func:`velocity_statistics` of the whole velocity from each rank's part: one ``all_reduce``
+    (sum) over ``process_group``, after which every rank holds the same tensor.
+
+    Ranks that hold shards of the same samples (sequence parallelism) add up their partial sums. With
+    ``batch_part=(index, count)``, this rank's samples are part ``index`` of ``count`` equal parts of
+    the batch (e.g. one CFG branch per rank): its rows are placed at that part of a ``(count * B, 4)``
+    tensor of zeros, so the same sum concatenates the parts (and adds up the shards within a part).
+    A non-finite sum on any rank is non-finite on every rank, so every rank runs that step.
+    """
+    import torch.distributed as dist
+
+    if batch_part is not None:
+        index, count = batch_part
+        rows = stats.shape[0]
+        placed = stats.new_zeros(count * rows, stats.shape[1])
+        placed[index * rows : (index + 1) * rows] = stats
+        stats = placed
+    stats = stats.to(_collective_device(process_group, stats.device))
+    dist.all_reduce(stats, group=process_group)
+    return stats
+
+
+def _collective_device(process_group: Any, preferred: torch.device) -> torch.device:
+    """A device the group's backend runs collectives on: NCCL only CUDA tensors, gloo CPU ones (CUDA
+    only for some collectives); other backends get the tensor's own device."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(process_group)).lower()
+    if backend == "nccl":
+        return preferred if preferred.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return preferred
 
 
 def velocity_similarity(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -411,6 +455,36 @@ def config_fingerprint(config: StepCacheConfig) -> int:
     return zlib.crc32(repr(config).encode())
 
 
+# What the cross-rank check compares (StepCacheState(check_consistency=True)), in the order gathered.
+_BEFORE = "state before the decision"
+_DECISION = "decision"
+_STATE_FIELDS = ("step", "history", "skip_countdown", "consecutive_skips", "config_crc32", "num_steps",
+                 "accumulated_error_bits", "batch", "batch_parts")
+_DECISION_FIELDS = ("run", "reason", "skip_countdown", "consecutive_skips")
+
+
+def _float_bits(value: float) -> int:
+    """The IEEE-754 bits of a float as an int64: exact comparison across ranks."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _checked_batch_part(batch_part: Any, process_group: Any) -> tuple[int, int]:
+    if process_group is None:
+        raise ValueError("batch_part needs a process_group")
+    try:
+        index, count = (int(v) for v in batch_part)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_part must be (index, count), got {batch_part!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"batch_part must be (index, count) with 0 <= index < count, got {batch_part!r}")
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    if count > world:
+        raise ValueError(f"batch_part {batch_part!r} has more parts than the group has ranks ({world})")
+    return index, count
+
+
 class StepCacheState(TraceSummary):
     """Per-generation mutable state: the decision state (countdown, skips, accumulated error) and a
     trace of every decision.
@@ -427,7 +501,12 @@ class StepCacheState(TraceSummary):
             the same decision. None (default): no collective, nothing imported.
         check_consistency: with a group, also all-gather each rank's decision state before and its
             decision after every step, and raise naming the step and the ranks that disagree (two
-            small ``all_gather`` calls per step; meant for tests and debugging).
+            small ``all_gather`` calls per step; meant for tests and debugging). Every rank of the
+            group must pass the same value.
+        batch_part: with a group whose ranks hold different samples, ``(index, count)``: this rank's
+            velocity is part ``index`` of ``count`` equal parts of the batch (one CFG branch per rank:
+            ``(branch, 2)``); ranks with the same index hold shards of the same samples. None (default):
+            every rank holds a shard of every sample. See :func:`reduce_statistics`.
 
     Example:
         >>> state = StepCacheState(StepCacheConfig())
@@ -442,6 +521,7 @@ class StepCacheState(TraceSummary):
         *,
         process_group: Any = None,
         check_consistency: bool = False,
+        batch_part: tuple[int, int] | None = None,
     ) -> None:
         if config is None:
             config = StepCacheConfig()
@@ -452,9 +532,12 @@ class StepCacheState(TraceSummary):
             )
         if check_consistency and process_group is None:
             raise ValueError("check_consistency needs a process_group")
+        if batch_part is not None:
+            batch_part = _checked_batch_part(batch_part, process_group)
         self.config = config
         self.process_group = process_group
         self.check_consistency = check_consistency
+        self.batch_part = batch_part
         self.reset()
 
     # -- generation boundaries ---------------------------------------------------------------------
@@ -530,6 +613,11 @@ class StepCacheState(TraceSummary):
         """
         _check_history(prev_predictions)
         step = len(self.trace)
+        if self.check_consistency:
+            # First, before any collective whose presence depends on the config or the state, and before
+            # a local error that would leave the other ranks waiting in their next collective.
+            self._check_ranks_agree(step, _BEFORE, self._decision_state(prev_predictions),
+                                    prev_predictions)
         if self.generation_steps is not None and step >= self.generation_steps:
             raise RuntimeError(
                 f"this generation had {self.generation_steps} steps and all of them have been decided; call reset() "
@@ -538,8 +626,6 @@ class StepCacheState(TraceSummary):
         t = _as_time(timestep)
         if t is None and self._schedule is not None:
             t = self._schedule[step]
-        if self.check_consistency:
-            self._check_ranks_agree(step, "state before the decision", self._decision_state(len(prev_predictions)))
         decision = decide(
             self.config,
             self.skip_countdown,
@@ -554,7 +640,12 @@ class StepCacheState(TraceSummary):
         )
         decision = dataclasses.replace(decision, step=step, timestep=t)
         if self.check_consistency:
-            self._check_ranks_agree(step, "decision", [int(decision.run), REASONS.index(decision.reason)])
+            self._check_ranks_agree(
+                step, _DECISION,
+                [int(decision.run), REASONS.index(decision.reason), decision.skip_countdown,
+                 decision.consecutive_skips],
+                prev_predictions,
+            )
         return decision
 
     def commit_step(self, decision: StepDecision) -> None:
@@ -645,7 +736,10 @@ class StepCacheState(TraceSummary):
         previous = _velocity_of_entry(prev_predictions[-2], "previous")
         key = self._signals_key
         if self._signals is None or key is None or key[0] is not latest or key[1] is not previous:
-            self._signals = velocity_signals(latest, previous, self.process_group)
+            if self.batch_part is None:
+                self._signals = velocity_signals(latest, previous, self.process_group)
+            else:
+                self._signals = velocity_signals(latest, previous, self.process_group, batch_part=self.batch_part)
             self._signals_key = (latest, previous)
         return self._signals
 
@@ -679,28 +773,45 @@ class StepCacheState(TraceSummary):
             return abs(timestep) / abs(first)
         return abs(previous - timestep) / abs(first)
 
-    # -- ranks -------------------------------------------------------------------------------------
+    # -- ranks ---------------------------------------------------------------------------------------
 
-    def _decision_state(self, history_length: int) -> list[int]:
+    def _decision_state(self, prev_predictions: Sequence[Sequence[Any]]) -> list[int]:
+        """What every rank must share before a decision (fixed length: all ranks gather the same size)."""
+        latest = prev_predictions[-1][0] if prev_predictions else None
+        batch = int(latest.shape[0]) if isinstance(latest, torch.Tensor) and latest.dim() > 0 else -1
         return [
-            len(self.trace), history_length, self.skip_countdown, self.consecutive_skips,
+            len(self.trace), len(prev_predictions), self.skip_countdown, self.consecutive_skips,
             config_fingerprint(self.config), -1 if self.generation_steps is None else self.generation_steps,
+            _float_bits(self.accumulated_error), batch, 1 if self.batch_part is None else self.batch_part[1],
         ]
 
-    def _check_ranks_agree(self, step: int, what: str, values: list[int]) -> None:
+    def _check_ranks_agree(
+        self, step: int, what: str, values: list[int], prev_predictions: Sequence[Sequence[Any]]
+    ) -> None:
         import torch.distributed as dist
 
-        mine = torch.tensor(values, dtype=torch.int64)
+        latest = prev_predictions[-1][0] if prev_predictions else None
+        hint = latest.device if isinstance(latest, torch.Tensor) else torch.device("cpu")
+        mine = torch.tensor(values, dtype=torch.int64, device=_collective_device(self.process_group, hint))
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.process_group))]
         dist.all_gather(gathered, mine, group=self.process_group)
-        rows = [tuple(int(v) for v in g) for g in gathered]
+        rows = [tuple(int(v) for v in g.cpu()) for g in gathered]
         if len(set(rows)) > 1:
-            ranks = [dist.get_global_rank(self.process_group, i) if self.process_group is not dist.GroupMember.WORLD
-                     else i for i in range(len(rows))]
-            detail = ", ".join(f"rank {r}: {row}" for r, row in zip(ranks, rows))
+            ranks = dist.get_process_group_ranks(self.process_group)  # global ranks, in group order
+            agreeing: dict[tuple[int, ...], list[int]] = {}
+            for rank, row in zip(ranks, rows):
+                agreeing.setdefault(row, []).append(rank)
+            fields = _DECISION_FIELDS if what == _DECISION else _STATE_FIELDS
+            differing = [
+                f"{name} " + ", ".join(f"rank {rank}: {row[i]}" for rank, row in zip(ranks, rows))
+                for i, name in enumerate(fields)
+                if len({row[i] for row in rows}) > 1
+            ]
+            groups = " | ".join(str(group) for group in agreeing.values())
             raise RuntimeError(
-                f"StepCache ranks disagree at step {step} ({what}); every rank of the group must use the same "
-                f"config and see the same steps. Per rank {detail}"
+                f"StepCache ranks disagree at step {step} ({what}); ranks that agree: {groups}; differing: "
+                f"{'; '.join(differing)}. Every rank of the group must use the same config, start the same "
+                "generations and decide the same steps"
             )
 
     def __repr__(self) -> str:

@@ -82,7 +82,7 @@ import torch
 
 from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
 from stepcache.integrations.schedulers import SkipAwareStepper, check_solver_aware_support
-from stepcache.state import StepCacheState, StepRecord, TraceSummary, extrapolate_prediction
+from stepcache.state import StepCacheState, StepRecord, TraceSummary, _checked_batch_part, extrapolate_prediction
 
 try:
     import diffusers
@@ -166,7 +166,7 @@ class _Generation:
         self.config = hook_state.config
         self.decision = StepCacheState(
             hook_state.config, process_group=hook_state.process_group,
-            check_consistency=hook_state.check_consistency,
+            check_consistency=hook_state.check_consistency, batch_part=hook_state.batch_part,
         )
         self.decision.reset(num_steps, timesteps=schedule)
         self._committed = -1  # the last step whose velocities entered the history
@@ -314,10 +314,17 @@ class _Generation:
 class StepCacheHookState:
     """What the hooks of one pipeline's denoisers share: the config and each thread's generation."""
 
-    def __init__(self, config: StepCacheConfig, process_group: Any = None, check_consistency: bool = False) -> None:
+    def __init__(
+        self,
+        config: StepCacheConfig,
+        process_group: Any = None,
+        check_consistency: bool = False,
+        batch_part: tuple[int, int] | None = None,
+    ) -> None:
         self.config = config
         self.process_group = process_group
         self.check_consistency = check_consistency
+        self.batch_part = batch_part
         self._lock = threading.Lock()
         self._generations: dict[int, _Generation] = {}  # thread id -> its current (or last) generation
         # thread -> (guard, epoch, steps, schedule): what its scheduler announced for its next generation
@@ -632,6 +639,7 @@ def apply_step_cache(
     timestep_arg: str | None = None,
     process_group: Any = None,
     check_consistency: bool = False,
+    batch_part: tuple[int, int] | None = None,
 ) -> None:
     """Make a diffusers pipeline skip whole transformer forwards while its velocities stay aligned.
 
@@ -645,10 +653,18 @@ def apply_step_cache(
             defaults: thresholds (0.95, 0.93), countdowns (4, 2)).
         timestep_arg: the name of the denoiser's timestep argument, read to find scheduler steps. None:
             the first of ``timestep``, ``timesteps`` (HiDream), ``t`` (Z-Image) that its ``forward`` takes.
-        process_group: a ``torch.distributed`` group whose ranks each hold part of the transformer's
-            output (sequence-sharded tokens, or one CFG branch per rank): the decision signals are
-            reduced across it so every rank decides alike (see docs/distributed.md).
+        process_group: a ``torch.distributed`` group whose ranks each hold part of what the hooked
+            module returns (its output sharded along the tokens, or one CFG branch per rank with
+            ``batch_part``): the decision signals are reduced across it, so every rank takes the
+            decisions one process would take on the whole output (docs/distributed.md). Not needed
+            where every rank gets the whole output (diffusers' context parallelism and xDiT gather it).
+            Every rank applies StepCache with the same arguments and runs one generation at a time
+            (from one thread: the collectives of concurrent generations would interleave).
         check_consistency: with a group, check each decision across ranks (tests, debugging).
+        batch_part: with a group whose ranks call different CFG branches, ``(index, count)``: this
+            rank's calls are the ``index``-th of ``count`` parts of the single-process batch of branches
+            (e.g. ``(0, 2)`` on the rank that runs "cond", ``(1, 2)`` on the one that runs "uncond");
+            see :class:`~stepcache.StepCacheState`.
 
     Applying the same config again is a no-op (a second pipeline that shares the transformer gets its
     scheduler watched); another config on a hooked transformer is refused: remove it first.
@@ -679,14 +695,20 @@ def apply_step_cache(
         )
     if step_config.solver_aware:
         check_solver_aware_support(scheduler)
+    if (check_consistency or batch_part is not None) and process_group is None:
+        raise ValueError("check_consistency and batch_part need a process_group")
+    if batch_part is not None:
+        batch_part = _checked_batch_part(batch_part, process_group)
     existing = [_step_cache_hook(module) for _, module in denoisers]
     if any(hook is not None for hook in existing):
         hooked = next(hook for hook in existing if hook is not None)
-        if hooked.state.config != step_config or any(hook is None for hook in existing):
+        ranks = (process_group, check_consistency, batch_part)
+        hooked_ranks = (hooked.state.process_group, hooked.state.check_consistency, hooked.state.batch_part)
+        if hooked.state.config != step_config or hooked_ranks != ranks or any(hook is None for hook in existing):
             names = ", ".join(name for (name, _), hook in zip(denoisers, existing) if hook is not None)
             raise ValueError(
-                f"StepCache is already applied to {names} with another config ({hooked.state.config}); call "
-                "remove_step_cache() first to apply it with this one"
+                f"StepCache is already applied to {names} with another config ({hooked.state.config}) or other "
+                "process_group / check_consistency / batch_part; call remove_step_cache() first to apply it with these"
             )
         _watch_scheduler(scheduler, [module for _, module in denoisers])
         return
@@ -695,7 +717,7 @@ def apply_step_cache(
         _refuse_other_caches(module, name)
         _refuse_accelerate_hook(module, name, "apply_step_cache() before enabling it")
         positions.append(_timestep_position(module, name, timestep_arg))
-    state = StepCacheHookState(step_config, process_group, check_consistency)
+    state = StepCacheHookState(step_config, process_group, check_consistency, batch_part)
     for (name, module), (arg, position) in zip(denoisers, positions):
         hook = StepCacheHook(state, name, arg, position)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _STEP_CACHE_HOOK)
@@ -789,28 +811,43 @@ def _branch_key(context_name: str | None, position: int) -> str:
 
 def _velocity_of(output: Any) -> torch.Tensor | None:
     """The velocity in a transformer output: the tensor itself, ``output[0]`` of a tuple, or the
-    first field of a ``BaseOutput`` (``.sample``)."""
+    first field of a ``BaseOutput`` (``.sample``); a list of per-sample tensors of one shape (Z-Image)
+    is stacked along a new batch dimension."""
+    if isinstance(output, Mapping):
+        output = next(iter(output.values()), None)
+    elif isinstance(output, (tuple, list)) and output and not _is_sample_list(output):
+        output = output[0]
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, Mapping):
-        first = next(iter(output.values()), None)
-        return first if isinstance(first, torch.Tensor) else None
-    if isinstance(output, Sequence) and not isinstance(output, str) and len(output) > 0:
-        return output[0] if isinstance(output[0], torch.Tensor) else None
+    if _is_sample_list(output):
+        return torch.stack(list(output))
     return None
+
+
+def _is_sample_list(value: Any) -> bool:
+    """A list of per-sample tensors of one shape (how Z-Image returns its batch)."""
+    return (
+        isinstance(value, list) and len(value) > 0
+        and all(isinstance(v, torch.Tensor) and v.shape == value[0].shape for v in value)
+    )
 
 
 def _extrapolated(latest: Any, previous: Any, coefficient: float) -> Any:
     """A copy of ``latest`` whose velocity is extrapolated from ``previous`` (other fields reused)."""
     new, old = _velocity_of(latest), _velocity_of(previous)
     (velocity,) = extrapolate_prediction((new,), (old,), coefficient)
+
+    def shaped_like(value: Any) -> Any:  # the velocity in the form the pipeline expects it
+        return list(velocity.unbind(0)) if _is_sample_list(value) else velocity
+
+    if isinstance(latest, torch.Tensor) or _is_sample_list(latest):
+        return shaped_like(latest)
     out = _clone_output(latest)
-    if isinstance(out, torch.Tensor):
-        return velocity
     if isinstance(out, Mapping):
-        out[next(iter(out.keys()))] = velocity
+        key = next(iter(out.keys()))
+        out[key] = shaped_like(out[key])
         return out
-    return type(out)([velocity, *out[1:]])
+    return type(out)([shaped_like(out[0]), *out[1:]])
 
 
 def _clone_output(output: Any) -> Any:

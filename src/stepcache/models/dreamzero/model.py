@@ -38,11 +38,16 @@ velocity ``noise - x0``; timesteps are ``1000 * sigma``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Maps one call's attention keys and values (B, heads, N, head_dim) to those of the whole token sequence
+# (sequence parallelism: see stepcache.models.dreamzero.parallel).
+KVGather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -141,13 +146,48 @@ class KVCache:
     Each entry is ``(batch, heads, tokens, head_dim)``; ``num_frames`` counts the cached frames.
     ``observation`` holds the latest frame's patch embedding ``(batch, patches, hidden)``, the
     image conditioning of the denoised video (see :meth:`CausalWorldActionDiT.forward`).
+    ``key_mask`` is None: every cached key is real (see :class:`StackedKVCache` for padded ones).
+
+    Entries are replaced, never written in place, so :meth:`snapshot` is a cheap copy of references.
     """
+
+    key_mask: torch.Tensor | None = None
 
     def __init__(self) -> None:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.num_frames = 0
         self.observation: torch.Tensor | None = None
+
+    @classmethod
+    def stack(cls, caches: Sequence[KVCache], rows: Sequence[int]) -> KVCache:
+        """One cache over the rows of several (``rows[i]`` rows each), for one batched forward: the
+        cache itself when there is one, else a :class:`StackedKVCache`."""
+        if len(caches) == 1:
+            return caches[0]
+        return StackedKVCache(caches, rows)
+
+    def context_slot_index(self) -> int | torch.Tensor:
+        """The context slot the next prefilled frame takes (its position among the cached frames)."""
+        return self.num_frames
+
+    def commit_frame(self) -> None:
+        """Count the frame a prefill has just appended in every layer."""
+        self.num_frames += 1
+
+    def snapshot(self) -> tuple:
+        """The cache's contents, to :meth:`restore` after a failed chunk (references: entries are never
+        modified in place)."""
+        return list(self.keys), list(self.values), self.num_frames, self.observation
+
+    def restore(self, snapshot: tuple) -> None:
+        keys, values, self.num_frames, self.observation = snapshot
+        self.keys, self.values = list(keys), list(values)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
+        tensors = [t for t in (*self.keys, *self.values, self.observation) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset(self) -> None:
         self.keys, self.values, self.num_frames = [], [], 0
@@ -169,6 +209,94 @@ class KVCache:
         old_k, old_v = self.keys[index], self.values[index]
         self.keys[index] = keys if old_k is None else torch.cat([old_k, keys], dim=2)
         self.values[index] = values if old_v is None else torch.cat([old_v, values], dim=2)
+
+
+class StackedKVCache(KVCache):
+    """Several episodes' caches side by side, for one forward over all their rows.
+
+    Each layer's keys and values are the members' concatenated along the batch, padded with zeros at
+    the end to the longest member. ``key_mask`` ``(rows, tokens)`` marks the real keys; it is None when
+    every member holds as many tokens (no padding: the attention takes the unmasked path). A padded
+    key is masked out of the softmax, so a row attends to exactly what its own cache holds. A prefill
+    through the stack writes each member's rows back into that member (the stack's own tensors stay
+    as they were built, which is what the forward reads).
+
+    Args:
+        members: the caches, in row order.
+        rows: the rows each member holds (needed for a member that holds no frame yet).
+    """
+
+    def __init__(self, members: Sequence[KVCache], rows: Sequence[int]) -> None:
+        super().__init__()
+        if len(members) != len(rows) or not members:
+            raise ValueError(f"need one row count per cache, got {len(members)} caches and {len(rows)} counts")
+        self.members = list(members)
+        self.rows = [int(r) for r in rows]
+        self.offsets = [0]
+        for count in self.rows:
+            self.offsets.append(self.offsets[-1] + count)
+        for member, count in zip(self.members, self.rows):
+            if member.keys and member.keys[0] is not None and member.keys[0].shape[0] != count:
+                raise ValueError(f"a cache holds {member.keys[0].shape[0]} rows where {count} were expected")
+        lengths = [member.num_tokens for member in self.members]
+        longest = max(lengths)
+        layers = max(len(member.keys) for member in self.members)
+        template = next((member for member in self.members if member.num_tokens), None)
+        for index in range(layers if template is not None else 0):
+            keys, values = [], []
+            for member, count, length in zip(self.members, self.rows, lengths):
+                k, v = member.layer(index)
+                if k is None:  # a member without frames yet: no keys, all padding
+                    heads, _, head_dim = template.keys[index].shape[1:]
+                    k = v = template.keys[index].new_zeros(count, heads, 0, head_dim)
+                if length < longest:
+                    pad = (0, 0, 0, longest - length)  # zeros after the real keys, along the tokens
+                    k, v = F.pad(k, pad), F.pad(v, pad)
+                keys.append(k)
+                values.append(v)
+            self.keys.append(torch.cat(keys))
+            self.values.append(torch.cat(values))
+        if len(set(lengths)) > 1:
+            device = template.keys[0].device
+            positions = torch.arange(longest, device=device)
+            self.key_mask = torch.cat([
+                (positions < length).expand(count, longest) for count, length in zip(self.rows, lengths)
+            ])
+        observations = [member.observation for member in self.members]
+        if all(o is not None for o in observations):
+            self._observation = torch.cat(observations)
+        self.num_frames = max(member.num_frames for member in self.members)
+
+    @property
+    def observation(self) -> torch.Tensor | None:  # type: ignore[override]
+        return getattr(self, "_observation", None)
+
+    @observation.setter
+    def observation(self, value: torch.Tensor | None) -> None:
+        self._observation = value
+        if value is not None:  # a prefill's new observation: each member gets its rows
+            for member, start, end in zip(self.members, self.offsets, self.offsets[1:]):
+                member.observation = value[start:end]
+
+    def context_slot_index(self) -> torch.Tensor:
+        """Per row: the slot of the next frame in that row's own cache."""
+        return torch.cat([torch.full((count,), member.num_frames, dtype=torch.long)
+                          for member, count in zip(self.members, self.rows)])
+
+    def append(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for member, start, end in zip(self.members, self.offsets, self.offsets[1:]):
+            member.append(index, keys[start:end], values[start:end])
+
+    def commit_frame(self) -> None:
+        for member in self.members:
+            member.commit_frame()
+        self.num_frames = max(member.num_frames for member in self.members)
+
+    def snapshot(self) -> tuple:
+        raise TypeError("a StackedKVCache is a view for one forward: snapshot its members instead")
+
+    def reset(self) -> None:
+        raise TypeError("a StackedKVCache is a view for one forward: reset its members instead")
 
 
 class DiTBlock(nn.Module):
@@ -196,13 +324,23 @@ class DiTBlock(nn.Module):
         x: torch.Tensor,
         modulation: torch.Tensor,
         context: tuple[torch.Tensor | None, torch.Tensor | None],
+        *,
+        gather_kv: KVGather | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``(B, N, D)``, ``modulation`` ``(B, N, 6, D)``; ``context`` cached (keys, values) or
-        Nones. Returns the new ``x`` and this block's keys and values for ``x``."""
+        Nones. Returns the new ``x`` and this block's keys and values for ``x`` (with ``gather_kv``,
+        for the whole sequence: ``x`` is then one rank's share of the tokens, and attends to all).
+
+        ``key_mask`` ``(B, cached tokens)``, True for a real cached key: padded ones are left out of
+        the attention (the tokens' own keys always count). None: every cached key is real, and the
+        attention is exactly the unmasked one."""
         batch, tokens, dim = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (modulation + self.modulation_offset).unbind(2)
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        if gather_kv is not None:
+            k, v = gather_kv(k, v)
         cached_k, cached_v = context
         if cached_k is not None:
             # A cache prefilled for fewer rows than the query batch (e.g. one sample shared by
@@ -216,7 +354,16 @@ class DiTBlock(nn.Module):
             values = torch.cat([cached_v, v], dim=2)
         else:
             keys, values = k, v
-        attended = F.scaled_dot_product_attention(q, keys, values)
+        if key_mask is not None and cached_k is not None:
+            if key_mask.shape != (batch, cached_k.shape[2]):
+                raise ValueError(
+                    f"key_mask must have shape {(batch, cached_k.shape[2])} (rows, cached tokens), "
+                    f"got {tuple(key_mask.shape)}"
+                )
+            mask = torch.cat([key_mask, key_mask.new_ones(batch, k.shape[2])], dim=1)[:, None, None, :]
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            attended = F.scaled_dot_product_attention(q, keys, values)
         x = x + gate1 * self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
         x = x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
         return x, k, v
@@ -355,14 +502,16 @@ class CausalWorldActionDiT(nn.Module):
         return min(1, self.config.num_layers - 1)
 
     def _run_blocks(
-        self, x: torch.Tensor, cond: torch.Tensor, cache: KVCache | None, write_cache: bool
+        self, x: torch.Tensor, cond: torch.Tensor, cache: KVCache | None, write_cache: bool,
+        gather_kv: KVGather | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the final tokens and the tokens after block ``grounding_layer``."""
         modulation = self.modulation(cond).unflatten(-1, (6, self.config.hidden_size))
         grounding = x
+        key_mask = cache.key_mask if cache is not None else None  # padded rows of a StackedKVCache
         for index, block in enumerate(self.blocks):
             context = cache.layer(index) if cache is not None else (None, None)
-            x, k, v = block(x, modulation, context)
+            x, k, v = block(x, modulation, context, gather_kv=gather_kv, key_mask=key_mask)
             if write_cache:
                 cache.append(index, k, v)
             if index == self.grounding_layer:
@@ -372,12 +521,17 @@ class CausalWorldActionDiT(nn.Module):
     # -- forwards -------------------------------------------------------------------------------
 
     def prefill(
-        self, frames: torch.Tensor, instruction: torch.Tensor, cache: KVCache, *, return_goal_logits: bool = False
+        self, frames: torch.Tensor, instruction: torch.Tensor, cache: KVCache, *, return_goal_logits: bool = False,
+        patch_tokens: slice | None = None, gather_kv: KVGather | None = None,
     ) -> torch.Tensor | None:
         """Timestep-0 forward over clean observed frames ``(B, S, S)`` (latent units) under
         ``instruction`` ``(B,)``; appends their keys/values to ``cache``. Their tokens attend to the
         cached frames and to themselves. With ``return_goal_logits``, returns the auxiliary per-patch
-        logits ``(B, P)`` that the patch shows the instructed target (training only)."""
+        logits ``(B, P)`` that the patch shows the instructed target (training only).
+
+        Sequence parallelism: ``patch_tokens`` selects the frame's patch tokens this call computes, and
+        ``gather_kv`` completes their keys/values with the other ranks' (the whole frame's are cached).
+        """
         if frames.dim() != 3 or frames.shape[-1] != self.config.frame_size:
             raise ValueError(
                 f"prefill needs frames of shape (B, {self.config.frame_size}, {self.config.frame_size}), "
@@ -390,12 +544,17 @@ class CausalWorldActionDiT(nn.Module):
             )
         patches = self.patchify(frames[:, None])
         cache.observation = self.observation_embed(self.pixel_features(patches).flatten(-2))
-        tokens = self.patch_embed(patches, instruction) + self._patch_positions()
-        tokens = tokens + self.context_slot[cache.num_frames]
+        positions = self._patch_positions()
+        if patch_tokens is not None:
+            patches, positions = patches[:, patch_tokens], positions[patch_tokens]
+        tokens = self.patch_embed(patches, instruction) + positions
+        slot = self.context_slot[cache.context_slot_index()]  # (D,), or (B, D) for a stack of caches
+        tokens = tokens + (slot[:, None, :] if slot.dim() == 2 else slot)
         zero = torch.zeros(frames.shape[0], 1, device=frames.device)
         cond = self._condition(zero, instruction)  # clean tokens: timestep 0
-        _, grounding = self._run_blocks(tokens, cond.expand(-1, tokens.shape[1], -1), cache, write_cache=True)
-        cache.num_frames += 1
+        _, grounding = self._run_blocks(tokens, cond.expand(-1, tokens.shape[1], -1), cache, write_cache=True,
+                                        gather_kv=gather_kv)
+        cache.commit_frame()
         return self.goal_patch_head(grounding).squeeze(-1) if return_goal_logits else None
 
     def forward(
@@ -418,14 +577,43 @@ class CausalWorldActionDiT(nn.Module):
                 f"expected video (B, {cfg.future_frames}, {cfg.frame_size}, {cfg.frame_size}) and actions "
                 f"(B, {cfg.action_horizon}, {cfg.action_dim}), got {tuple(video.shape)}, {tuple(actions.shape)}"
             )
-        video_tokens = self.patch_embed(self.patchify(video), instruction)
-        video_tokens = video_tokens + self._patch_positions().repeat(num_frames, 1)
-        video_tokens = video_tokens + self.future_slot.repeat_interleave(cfg.patches_per_frame, dim=0)
+        video_patches, action_velocity, goal_position = self.forward_patches(
+            self.patchify(video), actions, state, video_timestep, action_timestep, instruction, cache
+        )
+        video_velocity = self.unpatchify(video_patches, num_frames)
+        return DiTOutput(video=video_velocity, action=action_velocity, goal_position=goal_position)
+
+    def forward_patches(
+        self,
+        video_patches: torch.Tensor,
+        actions: torch.Tensor,
+        state: torch.Tensor,
+        video_timestep: torch.Tensor,
+        action_timestep: torch.Tensor,
+        instruction: torch.Tensor,
+        cache: KVCache | None,
+        *,
+        patch_tokens: slice | None = None,
+        gather_kv: KVGather | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on patchified video ``(B, N, patch_size**2)``: returns the video velocity per
+        patch ``(B, N, patch_size**2)``, the action velocity and the goal read-out.
+
+        Sequence parallelism: the patches are the ``patch_tokens`` of the video's
+        ``future_frames * patches_per_frame`` tokens (None: all of them), and ``gather_kv`` completes
+        their keys/values with the other ranks'; the action and state tokens are computed in full.
+        """
+        cfg = self.config
+        num_frames = cfg.future_frames
+        tokens = slice(None) if patch_tokens is None else patch_tokens
+        video_tokens = self.patch_embed(video_patches, instruction)
+        video_tokens = video_tokens + self._patch_positions().repeat(num_frames, 1)[tokens]
+        video_tokens = video_tokens + self.future_slot.repeat_interleave(cfg.patches_per_frame, dim=0)[tokens]
         if cache is not None and cache.observation is not None:
             observation = cache.observation
-            if observation.shape[0] != video.shape[0]:  # a cache shared by several noise draws
-                observation = observation.repeat(video.shape[0] // observation.shape[0], 1, 1)
-            video_tokens = video_tokens + observation.repeat(1, num_frames, 1)
+            if observation.shape[0] != video_patches.shape[0]:  # a cache shared by several noise draws
+                observation = observation.repeat(video_patches.shape[0] // observation.shape[0], 1, 1)
+            video_tokens = video_tokens + observation.repeat(1, num_frames, 1)[:, tokens]
         action_tokens = self.action_embed(actions) + self.action_position
         state_features = coordinate_features(state, cfg.coordinate_octaves)
         state_token = (self.state_embed(state) + self.coordinate_embed(state_features))[:, None, :]
@@ -445,11 +633,11 @@ class CausalWorldActionDiT(nn.Module):
             torch.full((2,), 2, dtype=torch.long),
         ]).to(x.device)
         cond = cond[:, group_of_token]
-        x, _ = self._run_blocks(x, cond, cache, write_cache=False)
+        x, _ = self._run_blocks(x, cond, cache, write_cache=False, gather_kv=gather_kv)
 
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
         x = self.final_norm(x) * (1 + scale) + shift
-        video_velocity = self.unpatchify(self.video_head(x[:, :n_video]), num_frames)
+        video_velocity = self.video_head(x[:, :n_video])
         action_velocity = self.action_head(x[:, n_video : n_video + n_action])
         goal_position = self.goal_position_head(x[:, n_video + n_action])
-        return DiTOutput(video=video_velocity, action=action_velocity, goal_position=goal_position)
+        return video_velocity, action_velocity, goal_position

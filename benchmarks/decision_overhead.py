@@ -1,0 +1,147 @@
+"""What one StepCache decision costs, on a DreamZero-DROID-sized video velocity.
+
+DreamZero's video latent per chunk is 16 channels x 2 frames x 44 x 80 (880 tokens per frame). A
+decision reads the last two computed velocities: this script times the signals (the per-sample sums
+and what is derived from them), a whole ``should_run_step`` for each policy, and an extrapolated reuse,
+and compares them with one forward of the bundled dreamzero-mini DiT (the smallest model StepCache runs;
+a real 14B forward is thousands of times longer). On a CUDA device it also measures the decision's
+transient memory exactly (peak allocated minus what was allocated before), against the size of one
+velocity.
+
+    .venv/bin/python benchmarks/decision_overhead.py              # CPU (and CUDA when present)
+    .venv/bin/python benchmarks/decision_overhead.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from stepcache import StepCacheConfig, StepCacheState, __version__
+from stepcache.state import velocity_signals
+
+DROID_VELOCITY = (1, 16, 2, 44, 80)
+POLICIES = {
+    "seed rule": StepCacheConfig(),
+    "error budget": StepCacheConfig(policy="error_budget", error_budget=0.05),
+    "planned": StepCacheConfig(policy="planned", forward_budget=6),
+}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(device: str, dtype: torch.dtype, repeats: int) -> dict[str, object]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    generator = torch.Generator(device=device).manual_seed(0)
+    v1 = torch.randn(DROID_VELOCITY, generator=generator, device=device).to(dtype)
+    v2 = (v1.float() + 0.05 * torch.randn(DROID_VELOCITY, generator=generator, device=device)).to(dtype)
+    history = [(v2,), (v1,)]
+    velocity_bytes = v1.numel() * v1.element_size()
+    result: dict[str, object] = {"device": device, "dtype": str(dtype).replace("torch.", ""),
+                                 "velocity_bytes": velocity_bytes, "times_ms": {}}
+    times = result["times_ms"]
+    times["signals (sums + cosine + relative change)"] = 1e3 * median_seconds(
+        lambda: velocity_signals(v1, v2), repeats, sync
+    )
+    for name, config in POLICIES.items():
+        times[f"should_run_step, {name}"] = 1e3 * median_seconds(_decision(config, history), repeats, sync)
+    extrapolating = StepCacheConfig(static_run_steps=(0, 1), reuse="extrapolate")
+    times["extrapolated reuse"] = 1e3 * median_seconds(_reuse(extrapolating, history), repeats, sync)
+    if device == "cuda":
+        peaks = {}
+        for name, fn in (("signals", lambda: velocity_signals(v1, v2)),
+                         *((f"should_run_step, {n}", _decision(c, history)) for n, c in POLICIES.items())):
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            sync()
+            peaks[name] = torch.cuda.max_memory_allocated() - before
+        result["transient_bytes"] = peaks
+        result["transient_over_velocity"] = {k: round(v / velocity_bytes, 3) for k, v in peaks.items()}
+    return result
+
+
+def _decision(config: StepCacheConfig, history: list) -> Callable[[], bool]:
+    """Decide the step after two computed steps (0 and 1), where every policy reads its signal."""
+    times = [1.0 - i / 16 for i in range(17)]
+
+    def run() -> bool:
+        state = StepCacheState(config)
+        state.reset(16, timesteps=times)
+        for _ in range(2):
+            state.commit_step(state.plan_step(history[: state.step_index]))
+        return state.should_run_step(history)
+
+    return run
+
+
+def _reuse(config: StepCacheConfig, history: list) -> Callable[[], object]:
+    state = StepCacheState(config)
+    state.reset(16)
+    for step in range(3):
+        state.should_run_step(history[: min(step, 2)], timestep=1.0 - step / 16)
+    return lambda: state.reused_prediction(history)
+
+
+def model_forward_ms(repeats: int) -> float:
+    """One denoising forward of the bundled dreamzero-mini (CFG batch of 2), on the CPU."""
+    from stepcache.models.dreamzero.model import KVCache
+    from stepcache.models.dreamzero.weights import load_model
+
+    model = load_model("dreamzero-mini").eval()
+    cfg = model.config
+    cache = KVCache()
+    instructions = torch.tensor([0, cfg.null_instruction])
+    with torch.no_grad():
+        model.prefill(torch.zeros(2, cfg.frame_size, cfg.frame_size), instructions, cache)
+        video = torch.randn(2, cfg.future_frames, cfg.frame_size, cfg.frame_size)
+        actions = torch.randn(2, cfg.action_horizon, cfg.action_dim)
+        t = torch.full((2,), 500.0)
+        return 1e3 * median_seconds(
+            lambda: model(video, actions, torch.zeros(2, cfg.state_dim), t, t, instructions, cache), repeats,
+            lambda: None,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {
+        "stepcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "velocity_shape": list(DROID_VELOCITY),
+        "dreamzero_mini_forward_ms": model_forward_ms(args.repeats), "runs": [],
+    }
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for dtype in (torch.float32, torch.bfloat16):
+            report["runs"].append(measure(device, dtype, args.repeats))
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
