@@ -68,6 +68,11 @@ def __getattr__(name: str) -> Any:
         from stepcache.omni import Omni
 
         return Omni
+    # calibrate is not needed to run StepCache: import the calibration package only when asked for.
+    if name == "calibrate":
+        from stepcache.calibration import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'stepcache' has no attribute {name!r}")
 
 

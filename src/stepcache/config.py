@@ -499,3 +499,12 @@ def as_diffusion_cache_config(
             return DiffusionCacheConfig.preset(value)
         return DiffusionCacheConfig.from_file(value)
     return DiffusionCacheConfig.from_dict(value)
+
+
+def as_step_cache_config(
+    value: StepCacheConfig | DiffusionCacheConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
+) -> StepCacheConfig:
+    """The runtime config for any form :func:`as_diffusion_cache_config` accepts (or a StepCacheConfig)."""
+    if isinstance(value, StepCacheConfig):
+        return value
+    return StepCacheConfig.from_diffusion_cache_config(as_diffusion_cache_config(value))

@@ -80,7 +80,9 @@ class VelocityCache:
     computed prediction (or its extrapolation, with ``reuse="extrapolate"``) is returned.
 
     Args:
-        config: the rule's settings (defaults: the seed's).
+        config: the rule's settings: a ``StepCacheConfig``, or anything
+            :func:`~stepcache.as_diffusion_cache_config` accepts (a ``DiffusionCacheConfig``, a dict or
+            JSON string of its fields, a saved config's path, a preset name); None: the seed's.
         clone_outputs: copy each computed prediction before caching it. Needed when the model
             returns buffers that its next call overwrites (compiled / CUDA-graph models).
         process_group: a ``torch.distributed`` group across which the velocity is sharded (see
@@ -97,7 +99,7 @@ class VelocityCache:
 
     def __init__(
         self,
-        config: StepCacheConfig | None = None,
+        config: Any = None,
         *,
         clone_outputs: bool = False,
         process_group: Any = None,

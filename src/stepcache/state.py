@@ -28,15 +28,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from stepcache.config import ERROR_BUDGET_POLICY, PLANNED_POLICY, REUSE_EXTRAPOLATE, StepCacheConfig
+from stepcache.config import (
+    ERROR_BUDGET_POLICY,
+    PLANNED_POLICY,
+    REUSE_EXTRAPOLATE,
+    DiffusionCacheConfig,
+    StepCacheConfig,
+    as_step_cache_config,
+)
 from stepcache.policies import plan_schedule, planned_forwards
 from stepcache.recording import RecordedStep, active_recording, detached_copy
 
@@ -65,7 +73,7 @@ REASONS = (
 _DOT, _LATEST_SQ, _PREVIOUS_SQ, _DIFFERENCE_SQ = range(4)
 # Columns processed per chunk in velocity_statistics: the float32 copies of a chunk stay well under
 # the size of one velocity, whatever its dtype.
-_MIN_CHUNK = 1 << 16
+_MIN_CHUNK = 1 << 12
 _MAX_CHUNKS = 16
 
 
@@ -523,13 +531,12 @@ class StepCacheState(TraceSummary):
         check_consistency: bool = False,
         batch_part: tuple[int, int] | None = None,
     ) -> None:
-        if config is None:
-            config = StepCacheConfig()
-        if not isinstance(config, StepCacheConfig):
+        if not isinstance(config, (StepCacheConfig, DiffusionCacheConfig, Mapping, str, os.PathLike, type(None))):
             raise TypeError(
-                f"StepCacheState needs a StepCacheConfig, got {type(config).__name__}; "
-                "use StepCacheConfig.from_diffusion_cache_config() for a DiffusionCacheConfig"
+                f"StepCacheState needs a config (a StepCacheConfig, a DiffusionCacheConfig, a dict or JSON string "
+                f"of its fields, a path to a saved config, a preset name, or None), got {type(config).__name__}"
             )
+        config = as_step_cache_config(config)
         if check_consistency and process_group is None:
             raise ValueError("check_consistency needs a process_group")
         if batch_part is not None:
@@ -538,11 +545,13 @@ class StepCacheState(TraceSummary):
         self.process_group = process_group
         self.check_consistency = check_consistency
         self.batch_part = batch_part
-        self.reset()
+        self.reset(_record=False)  # a state that never starts a generation records none
 
     # -- generation boundaries ---------------------------------------------------------------------
 
-    def reset(self, num_steps: int | None = None, *, timesteps: Sequence[Any] | None = None) -> None:
+    def reset(
+        self, num_steps: int | None = None, *, timesteps: Sequence[Any] | None = None, _record: bool = True
+    ) -> None:
         """Start a new generation (of ``num_steps`` steps, when known): no countdown, empty trace.
 
         Args:
@@ -582,7 +591,7 @@ class StepCacheState(TraceSummary):
         self._signals_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._signals: VelocitySignals | None = None
         self._warned_non_finite = False
-        recording = active_recording()
+        recording = active_recording() if _record else None
         self._recorded = None if recording is None else recording.start(num_steps, schedule)
 
     @property

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepcache import (
+    DiffusionCacheConfig,
     StepCacheConfig,
     StepCacheState,
     schedule_string,
@@ -220,10 +221,16 @@ def test_trim_history_keeps_the_last_entries_in_place():
     assert history == [(3,), (4,), (5,)]
 
 
-def test_state_needs_a_step_cache_config():
-    with pytest.raises(TypeError, match="StepCacheConfig"):
+def test_state_takes_every_config_form_and_refuses_others():
+    with pytest.raises(ValueError, match="unknown cache config key"):  # runtime names are not user fields
         StepCacheState({"sim_thresholds": (0.9,)})
+    with pytest.raises(TypeError, match="StepCacheState needs a config"):
+        StepCacheState(0.9)
     assert StepCacheState().config == StepCacheConfig()
+    user = {"velocity_sim_thresholds": [0.9], "velocity_skip_countdowns": [2]}
+    expected = StepCacheConfig(sim_thresholds=(0.9,), skip_countdowns=(2,))
+    assert StepCacheState(user).config == expected == StepCacheState(DiffusionCacheConfig(**user)).config
+    assert StepCacheState("seed").config == StepCacheConfig()
 
 
 @settings(max_examples=50, deadline=None)

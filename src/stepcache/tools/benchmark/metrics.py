@@ -8,18 +8,21 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 def psnr_db(output: torch.Tensor, reference: torch.Tensor, data_range: float) -> float | None:
     """PSNR over the whole batch (one MSE over all samples); None where the output is exact."""
+    # torchmetrics takes seconds to import: only when a score is computed (calibrate's start-up).
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     value = float(peak_signal_noise_ratio(output.float(), reference.float(), data_range=data_range))
     return None if math.isinf(value) else value
 
 
 def ssim(output: torch.Tensor, reference: torch.Tensor, data_range: float, kernel_size: int = 11) -> float:
     """Mean SSIM of (B, C, H, W) images. Small images need a kernel that fits (odd, <= H and W)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return float(
         structural_similarity_index_measure(
             output.float(), reference.float(), data_range=data_range, kernel_size=kernel_size
@@ -64,6 +67,8 @@ def frechet_distance(
     num_features: int,
 ) -> float:
     """FID over a project-trained feature network (Inception needs downloaded weights)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     metric = FrechetInceptionDistance(feature=_FeatureNet(features, num_features), normalize=True)
     metric.set_dtype(torch.float64)
     metric.update(real.float(), real=True)

@@ -1,0 +1,343 @@
+"""What a calibration produced: the chosen config per goal, every candidate and its measurements, the
+generations spent, the inputs used; saved as one JSON file that every entry point accepts as a config.
+
+The file layout (``format: "stepcache-calibration"``)::
+
+    {"format": "stepcache-calibration", "version": 1,
+     "config": {...},                  # the chosen config (the first goal's): what entry points read
+     "choices": [{"goal": {...}, "met": true, "candidate": 0}, ...],
+     "candidates": [{"label", "target_forwards", "config", "predicted_error", "verified",
+                     "forwards", "fidelity_db", "input_fidelity_db"}, ...],
+     "generations": {"recorded": 1, "verification": 2, "held_out": 0, "limit": 3},
+     "inputs": {"calibration": [...], "held_out": [...]},
+     "held_out": [{"candidate": 0, "forwards", "fidelity_db", "input_fidelity_db"}, ...],
+     "num_steps": 16, "timesteps": [...], "fidelity": "...", "fits": [...], "timings_s": {...},
+     "metadata": {...}}
+
+``DiffusionCacheConfig.from_file`` reads the ``"config"`` key, so ``apply_step_cache(pipe, "cal.json")``,
+``Omni(cache_config="cal.json")``, ``get_cache_backend("step_cache", "cal.json")`` and
+``stepcache demo --cache-config cal.json`` all take the file as it is. Fidelities are in dB; an exact
+output (infinite PSNR) is written as the string ``"inf"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepcache.config import DiffusionCacheConfig
+
+FORMAT_NAME = "stepcache-calibration"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Candidate:
+    """One config the calibration considered.
+
+    Attributes:
+        label: what it is, e.g. ``"static 0,9,12,13,14,15 solver_aware extrapolate"``.
+        target_forwards: the forward budget it was built for.
+        config: the config itself.
+        predicted_error: the offline estimate (relative displacement of the final sample, see
+            :mod:`stepcache.calibration.schedules`), before any real run.
+        forwards: measured computed steps per generation, averaged (None: not verified).
+        fidelity_db: measured PSNR (or the given fidelity) against the full-step output, averaged over
+            the calibration inputs (None: not verified; ``inf``: exact).
+        input_fidelity_db: the same, per calibration input.
+    """
+
+    label: str
+    target_forwards: float
+    config: DiffusionCacheConfig
+    predicted_error: float
+    forwards: float | None = None
+    fidelity_db: float | None = None
+    input_fidelity_db: list[float] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return self.fidelity_db is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "target_forwards": self.target_forwards,
+            "config": self.config.to_dict(),
+            "predicted_error": _number(self.predicted_error),
+            "verified": self.verified,
+            "forwards": self.forwards,
+            "fidelity_db": _number(self.fidelity_db),
+            "input_fidelity_db": [_number(v) for v in self.input_fidelity_db],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Candidate:
+        return cls(
+            label=str(data["label"]),
+            target_forwards=data["target_forwards"],
+            config=DiffusionCacheConfig.from_dict(data["config"]),
+            predicted_error=_float(data["predicted_error"]),
+            forwards=data.get("forwards"),
+            fidelity_db=_float(data.get("fidelity_db")),
+            input_fidelity_db=[_float(v) for v in data.get("input_fidelity_db", [])],
+        )
+
+
+@dataclass
+class Choice:
+    """The answer to one goal (``{"target_forwards": K}`` or ``{"min_psnr": X}``): the verified
+    candidate picked by measurement, and whether it meets the goal (when none does, the closest one)."""
+
+    goal: dict[str, float]
+    candidate: Candidate | None
+    met: bool
+
+
+@dataclass
+class HeldOutResult:
+    """A chosen config measured on inputs the calibration never saw."""
+
+    candidate: Candidate
+    forwards: float
+    fidelity_db: float
+    input_fidelity_db: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the CLI's fewer-steps baseline
+
+
+@dataclass
+class CalibrationResult:
+    """The outcome of :func:`stepcache.calibrate`. :attr:`config` is the chosen config (of the first
+    goal); :meth:`save` writes a file that every entry point accepts as a config."""
+
+    choices: list[Choice]
+    candidates: list[Candidate]
+    recorded_generations: int
+    verification_generations: int
+    generation_limit: int
+    calibration_inputs: list[Any]
+    num_steps: int
+    timesteps: list[float]
+    fidelity: str
+    held_out_inputs: list[Any] = field(default_factory=list)
+    held_out: list[HeldOutResult] = field(default_factory=list)
+    held_out_generations: int = 0
+    fits: list[dict[str, Any]] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    @property
+    def generations(self) -> int:
+        """Generations the calibration itself ran: recorded plus verification (held-out reporting is
+        counted apart, in :attr:`held_out_generations`)."""
+        return self.recorded_generations + self.verification_generations
+
+    @property
+    def chosen(self) -> Candidate:
+        """The first goal's chosen candidate (raises when no verified candidate exists)."""
+        choice = self.choices[0]
+        if choice.candidate is None:
+            raise ValueError(f"no config was verified for the goal {choice.goal}")
+        return choice.candidate
+
+    @property
+    def config(self) -> DiffusionCacheConfig:
+        """The chosen config of the first goal (see :meth:`config_for` for a list of budgets)."""
+        return self.chosen.config
+
+    @property
+    def verified(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.verified]
+
+    def config_for(self, target_forwards: float) -> DiffusionCacheConfig:
+        """The config chosen for the budget ``target_forwards``."""
+        for choice in self.choices:
+            if choice.goal.get("target_forwards") == target_forwards and choice.candidate is not None:
+                return choice.candidate.config
+        budgets = [c.goal.get("target_forwards") for c in self.choices]
+        raise KeyError(f"no config was chosen for target_forwards={target_forwards}; budgets: {budgets}")
+
+    def summary(self) -> str:
+        """A few lines for people: what was chosen, at what cost, measured how and on what."""
+        lines = []
+        for choice in self.choices:
+            goal = ", ".join(f"{k}={v:g}" for k, v in choice.goal.items())
+            candidate = choice.candidate
+            if candidate is None:
+                lines.append(f"{goal}: nothing verified")
+                continue
+            note = "" if choice.met else " (goal NOT met: the closest verified config)"
+            lines.append(
+                f"{goal}: {candidate.label}: {_format(candidate.forwards)} forwards of {self.num_steps}, "
+                f"{_format(candidate.fidelity_db)} dB on the calibration inputs{note}"
+            )
+            for held in self.held_out:
+                if held.candidate is candidate:
+                    lines.append(
+                        f"  held out: {_format(held.forwards)} forwards, {_format(held.fidelity_db)} dB"
+                        + "".join(f", {k} {_format(v) if isinstance(v, float) else v}" for k, v in held.extra.items())
+                    )
+        verified = ", ".join(
+            f"{c.label} {_format(c.fidelity_db)} dB" for c in self.candidates if c.verified
+        )
+        lines.append(f"verified: {verified}")
+        lines.append(
+            f"generations: {self.recorded_generations} recorded + {self.verification_generations} verification "
+            f"= {self.generations} (limit {self.generation_limit})"
+            + (f"; {self.held_out_generations} more for the held-out report" if self.held_out_generations else "")
+        )
+        lines.append(f"calibration inputs: {json.dumps(self.calibration_inputs)}")
+        if self.held_out_inputs:
+            lines.append(f"held-out inputs: {json.dumps(self.held_out_inputs)}")
+        return "\n".join(lines)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        index = {id(c): i for i, c in enumerate(self.candidates)}
+        first = self.choices[0].candidate if self.choices else None
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": None if first is None else first.config.to_dict(),
+            "choices": [
+                {"goal": c.goal, "met": c.met, "candidate": None if c.candidate is None else index[id(c.candidate)]}
+                for c in self.choices
+            ],
+            "candidates": [c.to_dict() for c in self.candidates],
+            "generations": {
+                "recorded": self.recorded_generations,
+                "verification": self.verification_generations,
+                "total": self.generations,
+                "limit": self.generation_limit,
+                "held_out": self.held_out_generations,
+            },
+            "inputs": {"calibration": self.calibration_inputs, "held_out": self.held_out_inputs},
+            "held_out": [
+                {
+                    "candidate": index[id(h.candidate)],
+                    "forwards": h.forwards,
+                    "fidelity_db": _number(h.fidelity_db),
+                    "input_fidelity_db": [_number(v) for v in h.input_fidelity_db],
+                    "extra": _json_safe(h.extra),
+                }
+                for h in self.held_out
+            ],
+            "num_steps": self.num_steps,
+            "timesteps": self.timesteps,
+            "fidelity": self.fidelity,
+            "fits": _json_safe(self.fits),
+            "timings_s": self.timings_s,
+            "metadata": _json_safe(self.metadata),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result as JSON (the chosen config under ``"config"``: every entry point reads it)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationResult:
+        """Read a file written by :meth:`save`. A missing, empty or malformed file is an error naming it."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ValueError(f"calibration file {str(path)!r} does not exist") from None
+        except OSError as err:
+            raise ValueError(f"calibration file {str(path)!r} cannot be read: {err.strerror or err}") from None
+        if not text.strip():
+            raise ValueError(f"calibration file {str(path)!r} is empty")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"calibration file {str(path)!r} is not valid JSON: {err}") from None
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT_NAME:
+            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(
+                f"calibration file {str(path)!r} has format {found!r}, expected {FORMAT_NAME!r} (a plain config "
+                "file is read with DiffusionCacheConfig.from_file)"
+            )
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"calibration file {str(path)!r}: version {data.get('version')!r} is not supported")
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"calibration file {str(path)!r} is malformed: {err!r}") from None
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any]) -> CalibrationResult:
+        candidates = [Candidate.from_dict(c) for c in data["candidates"]]
+        choices = [
+            Choice(dict(c["goal"]), None if c["candidate"] is None else candidates[c["candidate"]], bool(c["met"]))
+            for c in data["choices"]
+        ]
+        held_out = [
+            HeldOutResult(candidates[h["candidate"]], h["forwards"], _float(h["fidelity_db"]),
+                          [_float(v) for v in h.get("input_fidelity_db", [])], dict(h.get("extra", {})))
+            for h in data.get("held_out", [])
+        ]
+        generations = data["generations"]
+        inputs = data.get("inputs", {})
+        return cls(
+            choices=choices,
+            candidates=candidates,
+            recorded_generations=int(generations["recorded"]),
+            verification_generations=int(generations["verification"]),
+            generation_limit=int(generations["limit"]),
+            calibration_inputs=list(inputs.get("calibration", [])),
+            num_steps=int(data["num_steps"]),
+            timesteps=[float(t) for t in data["timesteps"]],
+            fidelity=str(data["fidelity"]),
+            held_out_inputs=list(inputs.get("held_out", [])),
+            held_out=held_out,
+            held_out_generations=int(generations.get("held_out", 0)),
+            fits=list(data.get("fits", [])),
+            timings_s=dict(data.get("timings_s", {})),
+            metadata=dict(data.get("metadata", {})),
+        )
+
+
+def _number(value: float | None) -> float | str | None:
+    """JSON has no infinity: an exact output's ``inf`` dB is written as the string ``"inf"``."""
+    if value is None:
+        return None
+    value = float(value)
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return None if math.isnan(value) else value
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value)  # float("inf") reads the string back
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf (exact)"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
