@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stepcache.tools.benchmark.harness import BenchTarget
+from stepcache.config import as_step_cache_config
+from stepcache.tools.benchmark.harness import CALIBRATED, BenchTarget
 from stepcache.tools.benchmark.report import (
     benchmark_json,
     frontier_json,
@@ -21,7 +22,8 @@ from stepcache.tools.benchmark.report import (
     plot_fidelity,
     plot_frontier,
 )
-from stepcache.tools.benchmark.suite import FRONTIER_BUDGETS, run_benchmark
+from stepcache.tools.benchmark.suite import FRONTIER_BUDGETS, cache_method, run_benchmark
+from stepcache.tools.calibrate import calibrate_bundled
 from stepcache.tools.common import (
     UsageError,
     add_json_argument,
@@ -41,6 +43,8 @@ from stepcache.tools.common import (
 logger = logging.getLogger(__name__)
 
 MODELS = ("wan-digits", "dreamzero-mini")
+# The forward budgets a --quick run calibrates for (a full run: every frontier budget).
+QUICK_CALIBRATED_FORWARDS = (4, 8)
 QUICK_NOTE = "--quick smoke run (few samples, 1 timed repeat): wall times and speedups are NOT FOR TIMING"
 # What the progress bar counts: run_benchmark reports these phases in this order.
 PHASES = ("measuring forwards", "oracle search", "scoring and timing")
@@ -131,7 +135,17 @@ def run(args: argparse.Namespace) -> int:
             bar.update(_phase(message) - bar.n)  # the phases before this one are done
             bar.set_postfix_str(message[:60])
 
-        result = run_benchmark(target, quick=args.quick, repeats=repeats, progress=progress)
+        progress("measuring forwards: calibrating on the calibration inputs")
+        calibration = calibrate_bundled(
+            args.model, seed=args.calibration_seed, held_out_seed=args.seed,
+            target_forwards=[b for b in (QUICK_CALIBRATED_FORWARDS if args.quick else FRONTIER_BUDGETS)
+                             if b < target.num_steps],
+        )
+        calibrated = [
+            cache_method(CALIBRATED, target.num_steps, as_step_cache_config(choice.candidate.config))
+            for choice in calibration.choices if choice.candidate is not None
+        ]
+        result = run_benchmark(target, quick=args.quick, repeats=repeats, progress=progress, calibrated=calibrated)
         bar.update(len(PHASES) - bar.n)
 
     budgets = [b for b in FRONTIER_BUDGETS if b < target.num_steps]
