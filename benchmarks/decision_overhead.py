@@ -67,7 +67,11 @@ def measure(device: str, dtype: torch.dtype, repeats: int) -> dict[str, object]:
     times["extrapolated reuse"] = 1e3 * median_seconds(_reuse(extrapolating, history), repeats, sync)
     if device == "cuda":
         peaks = {}
-        for name, fn in (("signals", lambda: velocity_signals(v1, v2)),
+        def wave1_cosine() -> float:  # how the similarity was computed before the per-sample sums
+            a, b = v1.flatten(1).float(), v2.flatten(1).float()
+            return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+        for name, fn in (("signals", lambda: velocity_signals(v1, v2)), ("wave-1 cosine_similarity", wave1_cosine),
                          *((f"should_run_step, {n}", _decision(c, history)) for n, c in POLICIES.items())):
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -102,24 +106,23 @@ def _reuse(config: StepCacheConfig, history: list) -> Callable[[], object]:
     return lambda: state.reused_prediction(history)
 
 
-def model_forward_ms(repeats: int) -> float:
-    """One denoising forward of the bundled dreamzero-mini (CFG batch of 2), on the CPU."""
+def model_forward_ms(repeats: int, device: str = "cpu") -> float:
+    """One denoising forward of the bundled dreamzero-mini (CFG batch of 2)."""
     from stepcache.models.dreamzero.model import KVCache
     from stepcache.models.dreamzero.weights import load_model
 
-    model = load_model("dreamzero-mini").eval()
+    model = load_model("dreamzero-mini").eval().to(device)
     cfg = model.config
     cache = KVCache()
-    instructions = torch.tensor([0, cfg.null_instruction])
+    instructions = torch.tensor([0, cfg.null_instruction], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
-        model.prefill(torch.zeros(2, cfg.frame_size, cfg.frame_size), instructions, cache)
-        video = torch.randn(2, cfg.future_frames, cfg.frame_size, cfg.frame_size)
-        actions = torch.randn(2, cfg.action_horizon, cfg.action_dim)
-        t = torch.full((2,), 500.0)
-        return 1e3 * median_seconds(
-            lambda: model(video, actions, torch.zeros(2, cfg.state_dim), t, t, instructions, cache), repeats,
-            lambda: None,
-        )
+        model.prefill(torch.zeros(2, cfg.frame_size, cfg.frame_size, device=device), instructions, cache)
+        video = torch.randn(2, cfg.future_frames, cfg.frame_size, cfg.frame_size, device=device)
+        actions = torch.randn(2, cfg.action_horizon, cfg.action_dim, device=device)
+        state = torch.zeros(2, cfg.state_dim, device=device)
+        t = torch.full((2,), 500.0, device=device)
+        return 1e3 * median_seconds(lambda: model(video, actions, state, t, t, instructions, cache), repeats, sync)
 
 
 def main() -> None:
@@ -132,9 +135,12 @@ def main() -> None:
     report = {
         "stepcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "velocity_shape": list(DROID_VELOCITY),
-        "dreamzero_mini_forward_ms": model_forward_ms(args.repeats), "runs": [],
+        "dreamzero_mini_forward_ms": {"cpu": model_forward_ms(args.repeats)}, "runs": [],
     }
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if torch.cuda.is_available():
+        report["device"] = torch.cuda.get_device_name()
+        report["dreamzero_mini_forward_ms"]["cuda"] = model_forward_ms(args.repeats, "cuda")
     for device in devices:
         for dtype in (torch.float32, torch.bfloat16):
             report["runs"].append(measure(device, dtype, args.repeats))
