@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stepcache import CACHE_BACKEND_ENV, StepCacheBackend, is_stepcache_active
 from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
 from stepcache.models.dreamzero.training import torch_threads
 from stepcache.models.dreamzero.world import ReachingWorld
-from stepcache.omni import Omni
+from stepcache.omni import Omni, SessionBusyError
 from tests.models.dreamzero.tiny import save_tiny_model
 
 
@@ -105,3 +109,158 @@ def test_bundled_model_loads_by_name():
     frame, state = world.reset(seed=0)
     out = omni.generate(frame, world.instruction, state)
     assert out.actions.shape == (8, 2) and out.stats.dit_forwards <= 16
+
+
+# -- argument errors (issue 13) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"model": None}, "model must be a bundled model name"),
+    ({"model": 123}, "model must be a bundled model name"),
+    ({"model": ""}, "model must be a bundled model name"),
+    ({"seed": 1.7}, r"seed must be an integer >= 0, got 1\.7"),
+    ({"seed": True}, "seed must be an integer"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"pipeline_config": {"steps": 8}}, r"pipeline_config: unknown DreamZeroPipelineConfig fields \['steps'\]"),
+    ({"pipeline_config": {"guidance_scale": 0.5}}, "pipeline_config: guidance_scale must be >= 1"),
+    ({"pipeline_config": [8]}, "pipeline_config must be a DreamZeroPipelineConfig, a dict"),
+    ({"engine_config": {"decision": "vote"}}, "decision must be one of"),
+    ({"device": "gpu7"}, "device: "),
+    ({"cache_config": {"step_cache_dit_static_steps": [0, 50]}}, "50"),
+])
+def test_bad_arguments_are_clear_errors_naming_the_argument(model_dir, kwargs, message):
+    arguments = {"model": model_dir, "cache_backend": "step_cache", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Omni(**arguments)
+
+
+def test_pipeline_config_may_be_a_dict_of_its_fields(model_dir):
+    omni = Omni(model=model_dir, cache_backend=None, pipeline_config={"num_inference_steps": 4})
+    world = ReachingWorld()
+    frame, state = world.reset(seed=0)
+    assert omni.num_inference_steps == 4 and omni.generate(frame, world.instruction, state).stats.dit_forwards == 4
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got 2\.5"):
+        omni.start_episode(2.5)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        omni.open_session(seed="3")
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+
+
+def _replay(generate, world_seed: int, chunks: int):
+    world = ReachingWorld()
+    frame, state = world.reset(seed=world_seed)
+    outputs = []
+    for _ in range(chunks):
+        out = generate(frame, world.instruction, state)
+        outputs.append(out)
+        frame, state = world.execute(out.actions)
+    return outputs
+
+
+def test_the_implicit_session_equals_the_pipeline_called_directly(model_dir):
+    omni = Omni(model=model_dir, cache_backend="step_cache", seed=4)
+    omni.start_episode(seed=4)
+    through_omni = _replay(omni.generate, 0, 3)
+    direct = Omni(model=model_dir, cache_backend="step_cache").pipeline
+    generator = torch.Generator().manual_seed(4)
+    world = ReachingWorld()
+    frame, state = world.reset(seed=0)
+    for out in through_omni:
+        expected = direct(frame, world.instruction, state, generator=generator)
+        assert np.array_equal(out.actions, expected.actions[0]) and out.stats.ran == expected.ran
+        frame, state = world.execute(out.actions)
+    assert [out.stats.chunk_index for out in through_omni] == [0, 1, 2] and omni.chunk_index == 3
+
+
+def test_an_explicit_session_equals_the_implicit_one_with_the_same_seed(model_dir):
+    omni = Omni(model=model_dir, cache_backend="step_cache", seed=9)
+    implicit = _replay(omni.generate, 2, 3)
+    with omni.open_session(seed=9) as session:
+        explicit = _replay(session.generate, 2, 3)
+        assert session.chunk_index == 3 and session.nbytes() > 0
+    for a, b in zip(implicit, explicit):
+        assert np.array_equal(a.actions, b.actions) and a.stats.ran == b.stats.ran
+    assert explicit[0].stats.session_id == session.id and implicit[0].stats.session_id == "default"
+    omni.close()
+
+
+def test_two_threads_on_the_implicit_session_get_a_clear_error(model_dir):
+    omni = Omni(model=model_dir, cache_backend="step_cache", seed=1)
+    reference = _replay(Omni(model=model_dir, cache_backend="step_cache", seed=1).generate, 0, 1)[0]
+    original = omni.pipeline.transformer.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return original(*args, **kwargs)
+
+    omni.pipeline.transformer.forward = slow
+    world = ReachingWorld()
+    frame, state = world.reset(seed=0)
+    results, errors = [], []
+
+    def call() -> None:
+        try:
+            results.append(omni.generate(frame, world.instruction, state))
+        except SessionBusyError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 1 and len(errors) == 1
+    assert "omni.generate is already generating a chunk" in str(errors[0]) and "open_session" in str(errors[0])
+    assert np.array_equal(results[0].actions, reference.actions)  # the chunk that ran is not corrupted
+    omni.close()
+
+
+def test_a_failed_chunk_rolls_back_through_omni(model_dir):
+    clean = _replay(Omni(model=model_dir, cache_backend="step_cache", seed=2).generate, 1, 3)
+    omni = Omni(model=model_dir, cache_backend="step_cache", seed=2)
+    original = omni.pipeline.transformer.forward
+    calls = {"n": 0}
+
+    def fail_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # chunk 1, its second forward
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    omni.pipeline.transformer.forward = fail_once
+
+    def generate_with_retry(*args):
+        try:
+            return omni.generate(*args)
+        except RuntimeError as error:
+            assert "injected" in str(error)
+            return omni.generate(*args)
+
+    retried = _replay(generate_with_retry, 1, 3)
+    assert calls["n"] > 6
+    for a, b in zip(clean, retried):
+        assert np.array_equal(a.actions, b.actions) and a.stats.trace == b.stats.trace
+        assert a.stats.chunk_index == b.stats.chunk_index and a.stats.context_frames == b.stats.context_frames
+    omni.close()
+
+
+def test_sessions_await_their_chunks_together_from_asyncio(model_dir):
+    omni = Omni(model=model_dir, cache_backend="step_cache")
+    sessions = [omni.open_session(seed=seed) for seed in range(4)]
+    world = ReachingWorld()
+    frame, state = world.reset(seed=0)
+
+    async def all_at_once():
+        with omni.engine.paused():
+            tasks = [asyncio.ensure_future(s.agenerate(frame, world.instruction, state)) for s in sessions]
+            await asyncio.sleep(0.05)  # every request is queued before the engine admits them
+        return await asyncio.gather(*tasks)
+
+    outputs = asyncio.run(all_at_once())
+    assert all(out.stats.forward_batch_sizes[0] == 4 for out in outputs)
+    alone = Omni(model=model_dir, cache_backend="step_cache").open_session(seed=2).generate(
+        frame, world.instruction, state)
+    np.testing.assert_allclose(outputs[2].actions, alone.actions, atol=1e-5, rtol=0)
+    omni.close()

@@ -32,7 +32,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stepcache.tools.train", "train a bundled model from scratch (reproducible, fixed seed)"),
     "generate": ("stepcache.tools.generate", "sample a bundled diffusers model with and without StepCache"),
     "bench": ("stepcache.tools.bench", "quality against compute: StepCache vs fewer steps, peers and an oracle"),
-    "calibrate": ("stepcache.tools.calibrate", "search StepCache settings for a forward budget or PSNR floor"),
+    "calibrate": ("stepcache.tools.calibrate", "calibrate StepCache from one recorded generation per input"),
+    "serve": ("stepcache.tools.serve", "serve the DreamZero-style model to many robots over HTTP, batched per step"),
 }
 
 VERBOSE_HELP = "debug messages from stepcache's loggers (other libraries stay at warnings)"

@@ -15,6 +15,7 @@ similarity with the skip decisions). ``--json`` writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -294,7 +295,10 @@ def run(args: argparse.Namespace) -> int:
     action_scale = omni["none"].pipeline.transformer.config.action_scale
     records: dict[str, list[EpisodeRecord]] = {name: [] for name in RUNS}
     replayed: list[EpisodeRecord] = []
-    with progress_bar(total=args.episodes, desc="demo episodes", unit="ep", enabled=show_progress(args)) as bar:
+    with progress_bar(total=args.episodes, desc="demo episodes", unit="ep", enabled=show_progress(args)) as bar, \
+            contextlib.ExitStack() as engines:
+        for instance in omni.values():  # each Omni's engine thread ends with the episodes
+            engines.callback(instance.close)
         for index in range(args.episodes):
             seed = args.seed + index
             # Interleave the runs per episode so that load changes on a shared machine hit both alike.

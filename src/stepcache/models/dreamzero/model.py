@@ -548,7 +548,10 @@ class CausalWorldActionDiT(nn.Module):
         if patch_tokens is not None:
             patches, positions = patches[:, patch_tokens], positions[patch_tokens]
         tokens = self.patch_embed(patches, instruction) + positions
-        slot = self.context_slot[cache.context_slot_index()]  # (D,), or (B, D) for a stack of caches
+        index = cache.context_slot_index()  # an int, or one per row for a stack of caches
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.context_slot.device)
+        slot = self.context_slot[index]  # (D,) or (B, D)
         tokens = tokens + (slot[:, None, :] if slot.dim() == 2 else slot)
         zero = torch.zeros(frames.shape[0], 1, device=frames.device)
         cond = self._condition(zero, instruction)  # clean tokens: timestep 0

@@ -3,20 +3,39 @@
 Per chunk (DreamZero's loop):
 
 1. context bookkeeping: a new instruction, or ``context_reset_chunks`` chunks since the last reset,
-   clears the KV cache;
+   clears the episode's KV cache;
 2. prefill: the clean observed frame goes into the KV cache through a timestep-0 forward (never
    skipped), for the conditional and (with CFG) the unconditional branch;
-3. ``num_inference_steps`` denoising steps with two diffusers ``UniPCMultistepScheduler`` instances
-   (flow sigmas, shift 5), one for the video latents and one for the actions. Each step runs the DiT
-   once on the batch ``[conditional; unconditional]``; the video velocity is
+3. ``num_inference_steps`` denoising steps on diffusers ``UniPCMultistepScheduler`` schedules (flow
+   sigmas, shift 5), one for the video latents and one for the actions. Each step runs the DiT once on
+   the batch ``[conditional; unconditional]``; the video velocity is
    ``uncond + guidance_scale * (cond - uncond)``, the action velocity is the conditional one;
-4. with StepCache active (``stepcache.is_stepcache_active(pipeline)``): the state is reset, then every
-   step asks ``state.should_run_step(history)``; a run appends ``(video_velocity,)`` to the history
-   and trims it, a skip reuses the last computed video *and* action velocities. The schedulers step
-   either way.
+4. with StepCache active: the state is reset, then every step asks it whether to run
+   (``plan_step`` + ``commit_step``, i.e. ``should_run_step``); a run appends
+   ``(video_velocity, action_velocity)`` to the history (``push_computed``), a skip answers with
+   ``reused_prediction(history)`` (the cached velocities, or their extrapolation). The schedulers step
+   either way; with ``solver_aware``, through :class:`~stepcache.integrations.schedulers.SkipAwareStepper`.
 
 Optionally ("decoupled noise") the video schedule is compressed to end at ``video_final_sigma``
 (0.8) while the actions denoise fully; the predicted frames are then the video's last x0 estimate.
+
+**Episodes and batching.** An :class:`EpisodeContext` holds one episode between chunks (KV cache,
+instruction, chunk counter, noise generator). The pipeline itself owns one, used by ``__call__``;
+:meth:`DreamZeroPipeline.new_context` makes more, and the serving engine (:mod:`stepcache.serving`)
+runs the chunks of many contexts at once: :meth:`~DreamZeroPipeline.begin_chunk`, one batched
+:meth:`~DreamZeroPipeline.prefill`, then :meth:`~DreamZeroPipeline.denoise_step` per step over
+:class:`DecisionGroup` s (the chunks that share one StepCache decision: one chunk, or several for the
+batch-mean rule). The DiT runs in one place, :meth:`~DreamZeroPipeline.denoise_forward`, on the rows of
+the chunks whose step computes; caches of different lengths are padded and masked
+(:class:`~stepcache.models.dreamzero.model.StackedKVCache`). A chunk that fails rolls its episode back.
+
+**Scheduler replay.** Stepping a diffusers scheduler costs a few hundred microseconds of Python per
+call, as much as a third of a denoising forward of this small model. The UniPC update is linear in
+the starting noise and the velocities it is given, so the pipeline reads its coefficients off the
+diffusers scheduler once per schedule (stepping it on basis vectors, in float64, checked against a
+direct run) and replays each step as one small matrix product (``replay_schedulers=True``, the
+default). ``replay_schedulers=False`` calls ``scheduler.step`` every step, bit for bit the loop
+before the replay existed; the two agree to float32 rounding.
 
 Units: frames are grey in [0, 1] (latent = ``2 * frame - 1``), the state is the agent position in the
 unit square (model input ``2 * state - 1``), actions are world moves (model units = world /
@@ -25,9 +44,12 @@ unit square (model input ``2 * state - 1``), actions are world moves (model unit
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +57,7 @@ import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from stepcache import StepRecord, get_stepcache_state, is_stepcache_active, velocity_similarity
+from stepcache import StepCacheState, StepRecord, get_stepcache_state, is_stepcache_active
 from stepcache.integrations.schedulers import SkipAwareStepper
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, KVCache
 from stepcache.models.dreamzero.world import instruction_index
@@ -53,6 +75,9 @@ class DreamZeroPipelineConfig:
     decoupled_video_noise: bool = False
     video_final_sigma: float = 0.8  # where the video schedule ends when decoupled
     context_reset_chunks: int = 4  # the KV context is cleared after this many chunks
+    # Step the schedulers by replaying their linear update (see the module docstring); False: call
+    # diffusers' scheduler.step every step (slower; the same maths to float32 rounding).
+    replay_schedulers: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
@@ -65,9 +90,23 @@ class DreamZeroPipelineConfig:
             raise ValueError(f"video_final_sigma must be in [0, 1), got {self.video_final_sigma}")
         if not isinstance(self.context_reset_chunks, int) or self.context_reset_chunks < 1:
             raise ValueError(f"context_reset_chunks must be a positive integer, got {self.context_reset_chunks!r}")
+        for name in ("decoupled_video_noise", "replay_schedulers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DreamZeroPipelineConfig:
+        """Build from a dict of fields; an unknown key is an error that lists the allowed ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"DreamZeroPipelineConfig needs a dict of its fields, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown DreamZeroPipelineConfig fields {unknown}; allowed: {known}")
+        return cls(**data)
 
 
 @dataclass
@@ -82,17 +121,498 @@ class ChunkOutput:
     # per computed step: cosine of its video velocity and the previous computed one (None: first or reused)
     velocity_similarity: list[float | None]
     trace: list[StepRecord] = field(default_factory=list)  # StepCache decisions (empty when off)
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # from the start of the chunk to its last step (diagnostics excluded)
     context_frames: int = 0  # frames in the KV cache after the prefill
     context_reset: bool = False  # the context was cleared before this chunk
+    chunk_index: int = 0  # the chunk's number in its episode (0 = first)
+    # per denoising forward this chunk took part in: how many episode chunks shared it (1 = alone)
+    forward_batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """The per-step times of one generation: sigmas (``num_steps + 1`` values, the last one where the
+    final step goes) and the DiT's timesteps (``num_steps`` values), for the video and the actions."""
+
+    video_sigmas: torch.Tensor
+    video_timesteps: torch.Tensor
+    action_sigmas: torch.Tensor
+    action_timesteps: torch.Tensor
+
+
+class ContextBusyError(RuntimeError):
+    """An episode context was asked for a second chunk while one is still in flight."""
+
+
+class EpisodeContext:
+    """One episode's state between chunks: the KV cache of its context frames, its instruction, the
+    chunks since the last context reset, its chunk counter and (optionally) its noise generator.
+
+    One chunk at a time: :meth:`DreamZeroPipeline.begin_chunk` on a context whose chunk is still in
+    flight raises :class:`ContextBusyError`.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.kv_cache = KVCache()
+        self.chunks_in_context = 0
+        self.instruction: int | None = None
+        self.chunk_index = 0
+        self.generator = generator
+        self._in_flight = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """True while a chunk of this episode is in flight."""
+        return self._in_flight.locked()
+
+    def reset(self) -> None:
+        """Start a new episode: clear the KV cache, forget the instruction, restart the chunk count."""
+        if self.busy:
+            raise ContextBusyError("cannot start a new episode while a chunk of this one is in flight")
+        self.kv_cache.reset()
+        self.chunks_in_context = 0
+        self.instruction = None
+        self.chunk_index = 0
+
+    def snapshot(self) -> tuple:
+        """What a chunk may change, to :meth:`restore` if it fails (the generator's state apart)."""
+        return self.kv_cache.snapshot(), self.chunks_in_context, self.instruction, self.chunk_index
+
+    def restore(self, snapshot: tuple) -> None:
+        kv, self.chunks_in_context, self.instruction, self.chunk_index = snapshot
+        self.kv_cache.restore(kv)
+
+    def nbytes(self) -> int:
+        """Bytes held by the episode's tensors (the KV cache and the generator's state)."""
+        generator = 0 if self.generator is None else self.generator.get_state().numel()
+        return self.kv_cache.nbytes() + generator
+
+    def _claim(self) -> None:
+        if not self._in_flight.acquire(blocking=False):
+            raise ContextBusyError(
+                "a chunk of this episode is already being generated (by another thread or request); an "
+                "episode takes one chunk at a time: wait for it, or give each robot its own session "
+                "(Omni.open_session)"
+            )
+
+    def _release(self) -> None:
+        if self._in_flight.locked():
+            self._in_flight.release()
+
+
+def _state_snapshot(state: StepCacheState | None) -> dict[str, Any] | None:
+    # The decision state is plain attributes; lists are copied so that the chunk's appends stay out.
+    return None if state is None else _instance_vars(state)
+
+
+def _state_restore(state: StepCacheState | None, snapshot: dict[str, Any] | None) -> None:
+    if state is not None and snapshot is not None:
+        _set_instance_vars(state, snapshot)
+
+
+# -- scheduler stepping ------------------------------------------------------------------------------
+
+
+class SchedulerNotLinearError(RuntimeError):
+    """The scheduler's update is not a fixed linear map of its inputs: it cannot be replayed."""
+
+
+def _copy_lists(values: dict[str, Any]) -> dict[str, Any]:
+    # A scheduler's step replaces its tensors but edits its lists (model outputs, timesteps) in place.
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in values.items()}
+
+
+def _instance_vars(obj: Any) -> dict[str, Any]:
+    return _copy_lists(vars(obj))
+
+
+def _set_instance_vars(obj: Any, values: dict[str, Any]) -> None:
+    vars(obj).clear()
+    vars(obj).update(_copy_lists(values))
+
+
+class _SchedulerReplay:
+    """A diffusers scheduler's update, read off as coefficients and replayed as one product per step.
+
+    For UniPC on flow predictions (any scheduler whose update is linear in its sample and model
+    outputs), after step ``i`` the sample is ``x_{i+1} = sum_j c_ij b_j`` over
+    ``b = (x_0, v_0, ..., v_i)``, ``v_j`` being the velocity given at step ``j``. Stepping the scheduler
+    itself, in float64, from ``x_0 = e_0`` with ``v_j = e_{j+1}`` makes its ``prev_sample`` the row
+    ``c_i``: the maths stays diffusers'. With solver-aware stepping the rows also depend on which steps
+    were computed, so they are read off per prefix of that pattern (each once, then kept). The
+    construction checks the replay against the scheduler on random inputs.
+
+    Args:
+        make_scheduler: returns a fresh scheduler, its timesteps (and sigmas) set.
+        solver_aware: step through :class:`SkipAwareStepper` (computed flags matter).
+    """
+
+    MAX_NODES = 4096  # prefixes kept (a solver-aware table grows with the patterns seen)
+
+    def __init__(self, make_scheduler: Callable[[], Any], solver_aware: bool) -> None:
+        self._make = make_scheduler
+        self.solver_aware = solver_aware
+        self._probe = make_scheduler()
+        self.num_steps = len(self._probe.timesteps)
+        self._stepper = SkipAwareStepper(self._probe) if solver_aware else None
+        root = torch.zeros(1, self.num_steps + 1, dtype=torch.float64)
+        root[0, 0] = 1.0
+        self._root = (self._snapshot(), root)
+        self._nodes: dict[Any, tuple[Any, torch.Tensor, dict[torch.device, torch.Tensor]]] = {}
+        self._lock = threading.Lock()
+        self._check()
+
+    def row(self, flags: Sequence[bool], device: torch.device) -> torch.Tensor:
+        """Coefficients ``(len(flags) + 1,)`` (float32) of the sample after step ``len(flags) - 1``
+        over ``(x_0, v_0, ...)``; ``flags[j]``: step ``j`` computed."""
+        key = tuple(flags) if self.solver_aware else len(flags)
+        node = self._nodes.get(key)
+        if node is None:
+            with self._lock:
+                node = self._node(tuple(flags) if self.solver_aware else (True,) * len(flags))
+        rows = node[2]
+        row = rows.get(device)
+        if row is None:
+            row = rows[device] = node[1][0, : len(flags) + 1].to(device, torch.float32)
+        return row
+
+    def _node(self, flags: tuple[bool, ...]) -> tuple[Any, torch.Tensor, dict[torch.device, torch.Tensor]]:
+        key = flags if self.solver_aware else len(flags)
+        node = self._nodes.get(key)
+        if node is not None:
+            return node
+        if not flags or len(flags) > self.num_steps:
+            raise ValueError(f"a generation of {self.num_steps} steps has no step {len(flags) - 1}")
+        parent_state, parent_sample = self._root if len(flags) == 1 else self._node(flags[:-1])[:2]
+        self._restore(parent_state)
+        index = len(flags) - 1
+        basis = torch.zeros_like(parent_sample)
+        basis[0, index + 1] = 1.0
+        timestep = self._probe.timesteps[index]
+        if self._stepper is not None:
+            sample = self._stepper.step(basis, timestep, parent_sample, computed=flags[-1]).prev_sample
+        else:
+            sample = self._probe.step(basis, timestep, parent_sample).prev_sample
+        if len(self._nodes) >= self.MAX_NODES:
+            self._nodes.clear()
+        node = (self._snapshot(), sample, {})
+        self._nodes[key] = node
+        return node
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        return _instance_vars(self._probe), None if self._stepper is None else _instance_vars(self._stepper)
+
+    def _restore(self, snapshot: tuple[dict[str, Any], dict[str, Any] | None]) -> None:
+        probe_vars, stepper_vars = snapshot
+        _set_instance_vars(self._probe, probe_vars)
+        if stepper_vars is not None:
+            _set_instance_vars(self._stepper, stepper_vars)
+
+    def _check(self) -> None:
+        """Replay against the scheduler itself on random inputs (every step computed; for solver-aware
+        stepping also a pattern with skips)."""
+        patterns = [(True,) * self.num_steps]
+        if self.solver_aware and self.num_steps > 2:
+            patterns.append(tuple(i < 2 or i % 3 == 0 for i in range(self.num_steps)))
+        generator = torch.Generator().manual_seed(0)
+        for flags in patterns:
+            scheduler = self._make()
+            stepper = SkipAwareStepper(scheduler) if self.solver_aware else None
+            sample = torch.randn(2, 8, generator=generator)
+            inputs = [sample]
+            for index, computed in enumerate(flags):
+                velocity = torch.randn(2, 8, generator=generator)
+                inputs.append(velocity)
+                timestep = scheduler.timesteps[index]
+                if stepper is not None:
+                    sample = stepper.step(velocity, timestep, sample, computed=computed).prev_sample
+                else:
+                    sample = scheduler.step(velocity, timestep, sample).prev_sample
+                with self._lock:
+                    row = self._node(flags[: index + 1])[1][0, : index + 2]
+                replayed = torch.tensordot(row, torch.stack(inputs).double(), dims=1)
+                error = float((replayed - sample.double()).abs().max())
+                if not error <= 1e-4 * max(1.0, float(sample.abs().max())):
+                    raise SchedulerNotLinearError(
+                        f"{type(scheduler).__name__}: the replayed step {index} differs from the scheduler's by "
+                        f"{error:.3g}"
+                    )
+
+
+class _ReplayStepper:
+    """Steps one chunk's video and actions by replaying :class:`_SchedulerReplay` rows: it keeps the
+    starting noise and every velocity given so far, and each step is one product with them."""
+
+    def __init__(self, video: torch.Tensor, actions: torch.Tensor, video_replay: _SchedulerReplay,
+                 action_replay: _SchedulerReplay) -> None:
+        steps = video_replay.num_steps
+        self.video_shape, self.action_shape = video.shape, actions.shape
+        self.video_replay, self.action_replay = video_replay, action_replay
+        self.video_inputs = video.new_empty(steps + 1, video.numel())
+        self.action_inputs = actions.new_empty(steps + 1, actions.numel())
+        self.video_inputs[0] = video.reshape(-1)
+        self.action_inputs[0] = actions.reshape(-1)
+        self.flags: list[bool] = []
+
+    def step(self, video: torch.Tensor, actions: torch.Tensor, video_velocity: torch.Tensor,
+             action_velocity: torch.Tensor, computed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        index = len(self.flags)
+        self.flags.append(computed)
+        self.video_inputs[index + 1] = video_velocity.reshape(-1)
+        self.action_inputs[index + 1] = action_velocity.reshape(-1)
+        device = self.video_inputs.device
+        video_row = self.video_replay.row(self.flags, device)
+        same = self.action_replay is self.video_replay  # one table when the sigmas coincide (not decoupled)
+        action_row = video_row if same else self.action_replay.row(self.flags, device)
+        video = (video_row @ self.video_inputs[: index + 2]).view(self.video_shape)
+        actions = (action_row @ self.action_inputs[: index + 2]).view(self.action_shape)
+        return video, actions
+
+
+class _DirectStepper:
+    """Steps one chunk's video and actions with two diffusers schedulers of its own, every step."""
+
+    def __init__(self, video_scheduler: Any, action_scheduler: Any, solver_aware: bool) -> None:
+        self.video_scheduler, self.action_scheduler = video_scheduler, action_scheduler
+        self.video_stepper = SkipAwareStepper(video_scheduler) if solver_aware else None
+        self.action_stepper = SkipAwareStepper(action_scheduler) if solver_aware else None
+        self.index = 0
+
+    def step(self, video: torch.Tensor, actions: torch.Tensor, video_velocity: torch.Tensor,
+             action_velocity: torch.Tensor, computed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        t_video = self.video_scheduler.timesteps[self.index]
+        t_action = self.action_scheduler.timesteps[self.index]
+        self.index += 1
+        if self.video_stepper is not None:
+            video = self.video_stepper.step(video_velocity, t_video, video, computed=computed).prev_sample
+            actions = self.action_stepper.step(action_velocity, t_action, actions, computed=computed).prev_sample
+        else:
+            video = self.video_scheduler.step(video_velocity, t_video, video).prev_sample
+            actions = self.action_scheduler.step(action_velocity, t_action, actions).prev_sample
+        return video, actions
 
 
 def _make_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
 
 
+# -- chunks in flight --------------------------------------------------------------------------------
+
+
+class ChunkJob:
+    """One chunk of one episode in flight: its inputs, latents and stepping, and how to undo it.
+
+    Made by :meth:`DreamZeroPipeline.begin_chunk`; its episode context stays claimed until
+    :meth:`finish` (success) or :meth:`rollback` (failure: the context, chunk counter, noise generator
+    and StepCache state go back to where they were before the chunk).
+    """
+
+    def __init__(self, context: EpisodeContext, generator: torch.Generator | None,
+                 cache_state: StepCacheState | None, steps: int, batch: int, branches: int) -> None:
+        self.context = context
+        self.generator = generator
+        self.cache_state = cache_state
+        self.steps = steps
+        self.batch = batch
+        self.branches = branches
+        self.rows = batch * branches
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self._snapshot = context.snapshot()
+        self._generator_state = (generator if generator is not None else torch.default_generator).get_state()
+        self._state_snapshot = _state_snapshot(cache_state)
+        self._kv_before_prefill: tuple | None = None
+        self._open = True
+        self.callback: Callable[[dict[str, Any]], None] | None = None
+        # set by begin_chunk / prefill
+        self.instruction_id = 0
+        self.instructions: torch.Tensor
+        self.model_state: torch.Tensor
+        self.prefill_frames: torch.Tensor
+        self.context_reset = False
+        self.schedule: StepSchedule
+        self.video: torch.Tensor
+        self.actions: torch.Tensor
+        self.stepper: _ReplayStepper | _DirectStepper
+        self.action_scale = 1.0
+        # progress
+        self.step = 0
+        self.computed: list[torch.Tensor | None] = []  # per step: the new video velocity, None when reused
+        self.forward_batch_sizes: list[int] = []
+        self.video_x0: torch.Tensor | None = None
+        self.group: DecisionGroup | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    def advance(self, video_velocity: torch.Tensor, action_velocity: torch.Tensor, computed: bool) -> None:
+        """Step the schedulers with this step's velocities (computed or reused)."""
+        index = self.step
+        if index == self.steps - 1:
+            self.video_x0 = self.video - self.schedule.video_sigmas[index] * video_velocity
+        self.computed.append(video_velocity if computed else None)
+        self.video, self.actions = self.stepper.step(self.video, self.actions, video_velocity, action_velocity,
+                                                     computed)
+        self.step += 1
+        if self.step == self.steps:
+            self.finished = time.perf_counter()
+        if self.callback is not None:
+            self.callback({"step": index, "ran": computed, "video_velocity": video_velocity,
+                           "action_velocity": action_velocity, "video": self.video, "actions": self.actions})
+
+    def finish(self, decoupled_video_noise: bool) -> ChunkOutput:
+        """The chunk's outputs; the episode moves on (chunk counter) and its context is released."""
+        if not self.done:
+            raise RuntimeError(f"the chunk has run {self.step} of its {self.steps} steps")
+        final_video = self.video_x0 if decoupled_video_noise else self.video
+        predicted = ((final_video + 1.0) / 2.0).clamp(0.0, 1.0)
+        latency = (self.finished or time.perf_counter()) - self.started
+        similarities = _successive_similarities(self.computed)  # diagnostics, after the clock stopped
+        group = self.group
+        trace = list(group.cache_state.trace) if group is not None and group.cache_state is not None else []
+        result = ChunkOutput(
+            actions=(self.actions * self.action_scale).cpu().numpy().astype(np.float32),
+            frames=predicted.cpu().numpy().astype(np.float32),
+            dit_forwards=len(self.forward_batch_sizes),
+            prefill_forwards=1,
+            ran=[velocity is not None for velocity in self.computed],
+            velocity_similarity=similarities,
+            trace=trace,
+            latency_s=latency,
+            context_frames=self.context.kv_cache.num_frames,
+            context_reset=self.context_reset,
+            chunk_index=self.context.chunk_index,
+            forward_batch_sizes=list(self.forward_batch_sizes),
+        )
+        self.context.chunk_index += 1
+        self._close()
+        logger.debug("chunk: %d/%d forwards, %.1f ms", result.dit_forwards, self.steps, 1000 * latency)
+        return result
+
+    def rollback(self) -> None:
+        """Undo the chunk: the episode, its noise generator and its StepCache state are as before it."""
+        if not self._open:
+            return
+        self.context.restore(self._snapshot)
+        (self.generator if self.generator is not None else torch.default_generator).set_state(self._generator_state)
+        _state_restore(self.cache_state, self._state_snapshot)
+        self._close()
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self.context._release()
+
+
+class DecisionGroup:
+    """Chunks that take one StepCache decision per step together.
+
+    One chunk (the default: every episode decides from its own velocity), or several for the batch-mean
+    rule (upstream's one decision per batch: the history holds their velocities side by side, and the
+    cosine is averaged over them). Without a cache state every step runs.
+    """
+
+    def __init__(self, jobs: Sequence[ChunkJob], cache_state: StepCacheState | None) -> None:
+        if not jobs:
+            raise ValueError("a decision group needs at least one chunk")
+        steps = {job.steps for job in jobs}
+        if len(steps) != 1:
+            raise ValueError(f"chunks deciding together need the same step count, got {sorted(steps)}")
+        self.jobs = list(jobs)
+        self.cache_state = cache_state
+        self.steps = steps.pop()
+        self.step = 0
+        self.history: list[tuple[torch.Tensor, ...]] = []
+        self._decision: Any = None
+        if cache_state is not None:
+            # Every chunk is a new generation; the video's sigmas give each step's time and size.
+            cache_state.reset(self.steps, timesteps=self.jobs[0].schedule.video_sigmas.tolist())
+        for job in self.jobs:
+            job.group = self
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    def plan(self) -> bool:
+        """Decide the next step (nothing recorded until :meth:`advance`)."""
+        if self.cache_state is None:
+            return True
+        self._decision = self.cache_state.plan_step(self.history)
+        return self._decision.run
+
+    def advance(self, run: bool, outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+                guidance_scale: float, batch_size: int) -> None:
+        """Record the decision, take the velocities (the forward's ``outputs`` per chunk, or the reused
+        ones) and step every chunk's schedulers."""
+        state = self.cache_state
+        if state is not None:
+            state.commit_step(self._decision)
+        if run:
+            assert outputs is not None
+            velocities = []
+            for job, (raw_video, raw_action) in zip(self.jobs, outputs):
+                # Outputs may live in buffers a compiled model reuses; keep our own copy while caching.
+                if state is not None:
+                    raw_video, raw_action = raw_video.clone(), raw_action.clone()
+                if job.branches == 2:
+                    cond, uncond = raw_video[: job.batch], raw_video[job.batch :]
+                    video_velocity = uncond + guidance_scale * (cond - uncond)
+                else:
+                    video_velocity = raw_video
+                velocities.append((video_velocity, raw_action[: job.batch]))  # actions: the conditional branch
+                job.forward_batch_sizes.append(batch_size)
+            if state is not None:
+                state.push_computed(self.history, _join(velocities))
+        else:
+            velocities = _split(state.reused_prediction(self.history), [job.batch for job in self.jobs])
+        for job, (video_velocity, action_velocity) in zip(self.jobs, velocities):
+            job.advance(video_velocity, action_velocity, run)
+        self.step += 1
+
+
+def _successive_similarities(computed: list[torch.Tensor | None]) -> list[float | None]:
+    """Per step: the cosine of its computed velocity and the previous computed one (as
+    :func:`stepcache.velocity_similarity`: per sample in float32, summed in float64, batch mean), None
+    for a reused step and the first computed one; all pairs in one batched computation."""
+    velocities = [v for v in computed if v is not None]
+    out: list[float | None] = [None] * len(computed)
+    if len(velocities) < 2:
+        return out
+    latest = torch.stack(velocities[1:]).flatten(2).float()
+    previous = torch.stack(velocities[:-1]).flatten(2).float()
+    dot = (latest * previous).sum(-1, dtype=torch.float64)
+    norms = ((latest * latest).sum(-1, dtype=torch.float64) * (previous * previous).sum(-1, dtype=torch.float64))
+    cosine = (dot / norms.sqrt().clamp_min(1e-8)).mean(-1).clamp(-1.0, 1.0).tolist()
+    steps = [i for i, v in enumerate(computed) if v is not None]
+    for step, value in zip(steps[1:], cosine):
+        out[step] = value
+    return out
+
+
+def _join(velocities: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(velocities) == 1:
+        return velocities[0]
+    return torch.cat([v for v, _ in velocities]), torch.cat([a for _, a in velocities])
+
+
+def _split(prediction: Sequence[torch.Tensor], batches: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    video, action = prediction[0], prediction[1]
+    if len(batches) == 1:
+        return [(video, action)]
+    return list(zip(video.split(batches), action.split(batches)))
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+
 class DreamZeroPipeline:
-    """The bundled DreamZero-style world-action pipeline (one episode at a time, batch allowed).
+    """The bundled DreamZero-style world-action pipeline.
+
+    ``pipe(observation, instruction, state)`` continues the pipeline's own episode by one chunk (a
+    batch of observations allowed); :mod:`stepcache.serving` runs many episodes at once through
+    :meth:`begin_chunk`, :meth:`prefill` and :meth:`denoise_step`.
 
     Args:
         transformer: the :class:`CausalWorldActionDiT`.
@@ -108,11 +628,13 @@ class DreamZeroPipeline:
     def __init__(self, transformer: CausalWorldActionDiT, config: DreamZeroPipelineConfig | None = None) -> None:
         self.transformer = transformer.eval()
         self.config = config or DreamZeroPipelineConfig()
+        # Templates: every chunk steps fresh copies (or replays them); these are never stepped.
         self.video_scheduler = _make_scheduler(self.config.flow_shift)
         self.action_scheduler = _make_scheduler(self.config.flow_shift)
-        self.kv_cache = KVCache()
-        self.chunks_in_context = 0
-        self.instruction: int | None = None
+        self.context = EpisodeContext()
+        self._replays: dict[tuple[int, str, bool], _SchedulerReplay | None] = {}
+        self._schedules: dict[int, StepSchedule] = {}
+        self._tables_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -123,40 +645,274 @@ class DreamZeroPipeline:
 
         return cls(load_model(model), config)
 
-    # -- episode context ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # -- episode context (the pipeline's own episode) -------------------------------------------
+
+    @property
+    def kv_cache(self) -> KVCache:
+        return self.context.kv_cache
+
+    @property
+    def chunks_in_context(self) -> int:
+        return self.context.chunks_in_context
+
+    @property
+    def instruction(self) -> int | None:
+        return self.context.instruction
 
     def reset_context(self) -> None:
         """Start a new episode: clear the KV cache and forget the instruction."""
-        self.kv_cache.reset()
-        self.chunks_in_context = 0
-        self.instruction = None
+        self.context.reset()
 
-    def _prepare_context(self, instruction: int) -> bool:
+    def new_context(self, generator: torch.Generator | None = None) -> EpisodeContext:
+        """A fresh episode context (for :meth:`begin_chunk`; the serving engine's sessions hold one each)."""
+        return EpisodeContext(generator)
+
+    def _prepare_context(self, context: EpisodeContext, instruction: int) -> bool:
         reset = False
-        if self.instruction is not None and instruction != self.instruction:
+        if context.instruction is not None and instruction != context.instruction:
             logger.debug("new instruction: context reset")
             reset = True
-        elif self.chunks_in_context >= self.config.context_reset_chunks:
+        elif context.chunks_in_context >= self.config.context_reset_chunks:
             reset = True
         if reset:
-            self.kv_cache.reset()
-            self.chunks_in_context = 0
-        self.instruction = instruction
+            context.kv_cache.reset()
+            context.chunks_in_context = 0
+        context.instruction = instruction
         return reset
 
     # -- schedules ------------------------------------------------------------------------------
 
-    def _set_schedules(self, num_steps: int) -> None:
-        self.video_scheduler.set_timesteps(num_steps)
-        self.action_scheduler.set_timesteps(num_steps)
-        if self.config.decoupled_video_noise:
+    def _configured_scheduler(self, num_steps: int, video: bool) -> UniPCMultistepScheduler:
+        scheduler = copy.deepcopy(self.video_scheduler if video else self.action_scheduler)
+        scheduler.set_timesteps(num_steps)
+        if video and self.config.decoupled_video_noise:
             # Compress the video's sigmas from [0, 1] into [video_final_sigma, 1]; the actions keep theirs.
             low = self.config.video_final_sigma
-            sigmas = low + (1.0 - low) * self.video_scheduler.sigmas
-            self.video_scheduler.sigmas = sigmas
-            self.video_scheduler.timesteps = sigmas[:-1] * self.video_scheduler.config.num_train_timesteps
+            sigmas = low + (1.0 - low) * scheduler.sigmas
+            scheduler.sigmas = sigmas
+            scheduler.timesteps = sigmas[:-1] * scheduler.config.num_train_timesteps
+        return scheduler
 
-    # -- the loop -------------------------------------------------------------------------------
+    def _set_schedules(self, num_steps: int) -> None:
+        """Set the template schedulers' timesteps (and the video's compressed sigmas when decoupled)."""
+        self.video_scheduler = self._configured_scheduler(num_steps, video=True)
+        self.action_scheduler = self._configured_scheduler(num_steps, video=False)
+
+    def schedule(self, num_steps: int) -> StepSchedule:
+        """The sigmas and timesteps of a generation of ``num_steps`` steps."""
+        schedule = self._schedules.get(num_steps)
+        if schedule is None:
+            video = self._configured_scheduler(num_steps, video=True)
+            action = self._configured_scheduler(num_steps, video=False)
+            schedule = StepSchedule(video.sigmas.clone(), video.timesteps.float(), action.sigmas.clone(),
+                                    action.timesteps.float())
+            self._schedules[num_steps] = schedule
+        return schedule
+
+    def _replay(self, num_steps: int, stream: str, solver_aware: bool) -> _SchedulerReplay | None:
+        if stream == "action" and not self.config.decoupled_video_noise:
+            stream = "video"  # the same sigmas: one table serves both
+        key = (num_steps, stream, solver_aware)
+        with self._tables_lock:
+            if key not in self._replays:
+                try:
+                    self._replays[key] = _SchedulerReplay(
+                        lambda: self._configured_scheduler(num_steps, video=stream == "video"), solver_aware)
+                except SchedulerNotLinearError as error:
+                    logger.warning("scheduler replay off (%s): stepping the scheduler itself", error)
+                    self._replays[key] = None
+            return self._replays[key]
+
+    def _stepper(self, job: ChunkJob, solver_aware: bool) -> _ReplayStepper | _DirectStepper:
+        if self.config.replay_schedulers:
+            video_replay = self._replay(job.steps, "video", solver_aware)
+            action_replay = self._replay(job.steps, "action", solver_aware)
+            if video_replay is not None and action_replay is not None:
+                return _ReplayStepper(job.video, job.actions, video_replay, action_replay)
+        return _DirectStepper(self._configured_scheduler(job.steps, video=True),
+                              self._configured_scheduler(job.steps, video=False), solver_aware)
+
+    # -- chunks ---------------------------------------------------------------------------------
+
+    def begin_chunk(
+        self,
+        context: EpisodeContext,
+        observation: np.ndarray | torch.Tensor,
+        instruction: str | int,
+        state: np.ndarray | torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        cache_state: StepCacheState | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> ChunkJob:
+        """Check the inputs, claim ``context`` and prepare its episode for the next chunk (no forward).
+
+        Args:
+            context: the episode (refused while another of its chunks is in flight).
+            observation: ``(S, S)`` or ``(B, S, S)`` grey frame(s) in [0, 1].
+            instruction: text or index, shared by the batch.
+            state: ``(2,)`` or ``(B, 2)`` robot state(s).
+            generator: the chunk's noise (default: the context's, else torch's global one).
+            num_inference_steps: default: the config's.
+            cache_state: the StepCache state deciding this chunk's steps (None: every step runs).
+            callback: called after every step with a dict (step, ran, velocities, latents).
+        """
+        cfg = self.config
+        model_cfg = self.transformer.config
+        steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        steps = int(steps)
+        if cache_state is not None:
+            cache_state.config.check_num_steps(steps)
+        frames = self._as_batch(observation, 3, "observation", (model_cfg.frame_size, model_cfg.frame_size))
+        states = self._as_batch(state, 2, "state", (model_cfg.state_dim,))
+        if frames.shape[0] != states.shape[0]:
+            raise ValueError(f"observation batch {frames.shape[0]} != state batch {states.shape[0]}")
+        batch = frames.shape[0]
+        instruction_id = instruction_index(instruction)
+        # The batch is [conditional; unconditional] with CFG: each branch has its own cache rows.
+        branches = 2 if cfg.guidance_scale != 1.0 else 1
+        generator = generator if generator is not None else context.generator
+        context._claim()
+        job = ChunkJob(context, generator, cache_state, steps, batch, branches)
+        try:
+            job.callback = callback
+            job.instruction_id = instruction_id
+            job.context_reset = self._prepare_context(context, instruction_id)
+            cached_rows = context.kv_cache.keys[0].shape[0] if context.kv_cache.num_frames else None
+            if cached_rows is not None and cached_rows != job.rows:
+                raise ValueError(
+                    f"batch size changed within an episode (cache holds {cached_rows} rows, this chunk needs "
+                    f"{job.rows}); start a new episode first (reset_context() / start_episode())"
+                )
+        except BaseException:
+            job.rollback()
+            raise
+        device = self.device
+        job.instructions = torch.tensor(
+            [instruction_id] * batch + [model_cfg.null_instruction] * batch * (branches - 1), device=device)
+        job.model_state = (states * 2.0 - 1.0).repeat(branches, 1).to(device)
+        job.prefill_frames = (frames * 2.0 - 1.0).repeat(branches, 1, 1).to(device)
+        job.schedule = self.schedule(steps)
+        job.action_scale = model_cfg.action_scale
+        return job
+
+    @torch.no_grad()
+    def prefill(self, jobs: Sequence[ChunkJob]) -> dict[ChunkJob, Exception]:
+        """Prefill every chunk's observation into its episode's cache (one batched forward), then draw
+        each chunk's noise and set up its stepping. Returns the chunks that failed, with their error
+        (the batch is retried chunk by chunk to find them); their caches are as before."""
+        failures: dict[ChunkJob, Exception] = {}
+        for job in jobs:
+            job._kv_before_prefill = job.context.kv_cache.snapshot()
+        try:
+            self.prefill_forward(jobs)
+        except Exception as error:
+            for job in jobs:
+                job.context.kv_cache.restore(job._kv_before_prefill)
+            if len(jobs) == 1:
+                return {jobs[0]: error}
+            for job in jobs:
+                try:
+                    self.prefill_forward([job])
+                except Exception as single_error:
+                    job.context.kv_cache.restore(job._kv_before_prefill)
+                    failures[job] = single_error
+        for job in jobs:
+            if job in failures:
+                continue
+            try:
+                self._start_denoising(job)
+            except Exception as error:
+                job.context.kv_cache.restore(job._kv_before_prefill)
+                failures[job] = error
+        return failures
+
+    def prefill_forward(self, jobs: Sequence[ChunkJob]) -> None:
+        """The prefill forward: the chunks' clean observations into their caches (timestep 0)."""
+        frames = _cat([job.prefill_frames for job in jobs])
+        instructions = _cat([job.instructions for job in jobs])
+        cache = KVCache.stack([job.context.kv_cache for job in jobs], [job.rows for job in jobs])
+        self.transformer.prefill(frames, instructions, cache)
+
+    def _start_denoising(self, job: ChunkJob) -> None:
+        model_cfg = self.transformer.config
+        job.context.chunks_in_context += 1
+        video = torch.randn((job.batch, model_cfg.future_frames, model_cfg.frame_size, model_cfg.frame_size),
+                            generator=job.generator)
+        actions = torch.randn((job.batch, model_cfg.action_horizon, model_cfg.action_dim), generator=job.generator)
+        device = self.device
+        job.video, job.actions = video.to(device), actions.to(device)
+        solver_aware = job.cache_state is not None and job.cache_state.config.solver_aware
+        job.stepper = self._stepper(job, solver_aware)
+
+    @torch.no_grad()
+    def denoise_step(self, groups: Sequence[DecisionGroup]) -> dict[DecisionGroup, Exception]:
+        """One denoising step of every group: each decides, one DiT forward runs on the rows of the
+        groups that compute, every chunk's schedulers step. Returns the groups that failed, with their
+        error (a failed batched forward is retried group by group to find them)."""
+        failures: dict[DecisionGroup, Exception] = {}
+        plans: list[tuple[DecisionGroup, bool]] = []
+        for group in groups:
+            try:
+                plans.append((group, group.plan()))
+            except Exception as error:
+                failures[group] = error
+        running = [group for group, run in plans if run]
+        outputs: dict[DecisionGroup, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        batch_size = sum(len(group.jobs) for group in running)
+        if running:
+            try:
+                outputs = self._forward_groups(running)
+            except Exception as error:
+                if len(running) == 1:
+                    failures[running[0]] = error
+                else:
+                    for group in running:
+                        try:
+                            outputs.update(self._forward_groups([group]))
+                        except Exception as single_error:
+                            failures[group] = single_error
+        for group, run in plans:
+            if group in failures:
+                continue
+            try:
+                group.advance(run, outputs.get(group), self.config.guidance_scale, batch_size)
+            except Exception as error:
+                failures[group] = error
+        return failures
+
+    def _forward_groups(
+        self, groups: Sequence[DecisionGroup]
+    ) -> dict[DecisionGroup, list[tuple[torch.Tensor, torch.Tensor]]]:
+        jobs = [job for group in groups for job in group.jobs]
+        per_job = iter(self.denoise_forward(jobs))
+        return {group: [next(per_job) for _ in group.jobs] for group in groups}
+
+    def denoise_forward(self, jobs: Sequence[ChunkJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The one place where the DiT denoises: one forward over the rows of ``jobs``, each at its own
+        step; returns each job's raw (video, action) velocities, rows ``[cond; uncond]``."""
+        video = _cat([job.video.repeat(job.branches, 1, 1, 1) for job in jobs])
+        actions = _cat([job.actions.repeat(job.branches, 1, 1) for job in jobs])
+        state = _cat([job.model_state for job in jobs])
+        t_video = _cat([job.schedule.video_timesteps[job.step].expand(job.rows) for job in jobs])
+        t_action = _cat([job.schedule.action_timesteps[job.step].expand(job.rows) for job in jobs])
+        instructions = _cat([job.instructions for job in jobs])
+        cache = KVCache.stack([job.context.kv_cache for job in jobs], [job.rows for job in jobs])
+        out = self.transformer(video, actions, state, t_video.to(video.device), t_action.to(video.device),
+                               instructions, cache)
+        if len(jobs) == 1:
+            return [(out.video, out.action)]
+        rows = [job.rows for job in jobs]
+        return list(zip(out.video.split(rows), out.action.split(rows)))
+
+    # -- one chunk of the pipeline's own episode ------------------------------------------------
 
     @torch.no_grad()
     def __call__(
@@ -167,133 +923,48 @@ class DreamZeroPipeline:
         *,
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> ChunkOutput:
-        """Denoise one chunk given the current observation ``(S, S)`` or ``(B, S, S)`` in [0, 1], an
-        instruction (text or index, shared by the batch) and the state ``(2,)`` or ``(B, 2)``."""
-        start = time.perf_counter()
-        cfg = self.config
-        model_cfg = self.transformer.config
-        steps = cfg.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
-        frames = self._as_batch(observation, 3, "observation", (model_cfg.frame_size, model_cfg.frame_size))
-        states = self._as_batch(state, 2, "state", (model_cfg.state_dim,))
-        if frames.shape[0] != states.shape[0]:
-            raise ValueError(f"observation batch {frames.shape[0]} != state batch {states.shape[0]}")
-        batch = frames.shape[0]
-        instruction_id = instruction_index(instruction)
-        # The batch is [conditional; unconditional] with CFG: each branch has its own cache rows.
-        use_cfg = cfg.guidance_scale != 1.0
-        branches = 2 if use_cfg else 1
-        context_reset = self._prepare_context(instruction_id)
-        if self.kv_cache.num_frames and self.kv_cache.keys[0].shape[0] != batch * branches:
-            raise ValueError(
-                f"batch size changed within an episode (cache holds {self.kv_cache.keys[0].shape[0]} rows, "
-                f"this chunk needs {batch * branches}); call reset_context() first"
-            )
-        instructions = torch.tensor([instruction_id] * batch + [model_cfg.null_instruction] * batch * (branches - 1))
-        model_state = (states * 2.0 - 1.0).repeat(branches, 1)
+        """Denoise one chunk of the pipeline's own episode given the current observation ``(S, S)`` or
+        ``(B, S, S)`` in [0, 1], an instruction (text or index, shared by the batch) and the state
+        ``(2,)`` or ``(B, 2)``. A chunk that fails (or is interrupted) leaves the episode as it was."""
+        cache_state = get_stepcache_state(self) if is_stepcache_active(self) else None
+        job = self.begin_chunk(self.context, observation, instruction, state, generator=generator,
+                               num_inference_steps=num_inference_steps, cache_state=cache_state, callback=callback)
+        return self.run_chunk(job)
 
-        # 1. prefill: the clean observation enters the KV cache (timestep 0; never skipped).
-        self.transformer.prefill((frames * 2.0 - 1.0).repeat(branches, 1, 1), instructions, self.kv_cache)
-        self.chunks_in_context += 1
+    def run_chunk(self, job: ChunkJob) -> ChunkOutput:
+        """Run a chunk from :meth:`begin_chunk` to the end on its own (rolled back if anything fails)."""
+        try:
+            failure = self.prefill([job]).get(job)
+            if failure is not None:
+                raise failure
+            group = DecisionGroup([job], job.cache_state)
+            while not group.done:
+                failure = self.denoise_step([group]).get(group)
+                if failure is not None:
+                    raise failure
+            return job.finish(self.config.decoupled_video_noise)
+        except BaseException:
+            job.rollback()
+            raise
 
-        # 2. denoise video latents and actions jointly.
-        self._set_schedules(steps)
-        video = torch.randn(
-            (batch, model_cfg.future_frames, model_cfg.frame_size, model_cfg.frame_size), generator=generator
-        )
-        actions = torch.randn((batch, model_cfg.action_horizon, model_cfg.action_dim), generator=generator)
-
-        caching = is_stepcache_active(self)
-        cache_state = get_stepcache_state(self) if caching else None
-        if cache_state is not None:
-            # Every chunk is a new generation; the video's sigmas give each step's time and size.
-            cache_state.reset(steps, timesteps=self.video_scheduler.sigmas.tolist())
-        # Solver-aware skipping: skipped steps never enter the UniPC memory (see SkipAwareStepper).
-        solver_aware = cache_state is not None and cache_state.config.solver_aware
-        video_stepper = SkipAwareStepper(self.video_scheduler) if solver_aware else None
-        action_stepper = SkipAwareStepper(self.action_scheduler) if solver_aware else None
-        history: list[tuple[torch.Tensor, ...]] = []
-        video_velocity = action_velocity = None
-        ran: list[bool] = []
-        computed: list[torch.Tensor | None] = []  # per step: the new video velocity, None when reused
-        forwards = 0
-        video_x0 = None
-        for i in range(steps):
-            t_video = self.video_scheduler.timesteps[i]
-            t_action = self.action_scheduler.timesteps[i]
-            run = cache_state.should_run_step(history) if cache_state is not None else True
-            if run:
-                out = self.transformer(
-                    video.repeat(branches, 1, 1, 1),
-                    actions.repeat(branches, 1, 1),
-                    model_state,
-                    t_video.float().expand(batch * branches),
-                    t_action.float().expand(batch * branches),
-                    instructions,
-                    self.kv_cache,
-                )
-                forwards += 1
-                # Outputs may live in buffers a compiled model reuses; keep our own copy while caching.
-                raw_video = out.video.clone() if caching else out.video
-                raw_action = out.action.clone() if caching else out.action
-                if use_cfg:
-                    cond, uncond = raw_video[:batch], raw_video[batch:]
-                    video_velocity = uncond + cfg.guidance_scale * (cond - uncond)
-                else:
-                    video_velocity = raw_video
-                action_velocity = raw_action[:batch]  # actions follow the conditional branch only
-                computed.append(video_velocity)
-                if cache_state is not None:
-                    cache_state.push_computed(history, (video_velocity, action_velocity))
-            else:
-                computed.append(None)
-                # skipped: the cached (or extrapolated) video and action velocities
-                video_velocity, action_velocity = cache_state.reused_prediction(history)
-            ran.append(run)
-            if i == steps - 1:
-                video_x0 = video - self.video_scheduler.sigmas[i] * video_velocity
-            if solver_aware:
-                video = video_stepper.step(video_velocity, t_video, video, computed=run).prev_sample
-                actions = action_stepper.step(action_velocity, t_action, actions, computed=run).prev_sample
-            else:
-                video = self.video_scheduler.step(video_velocity, t_video, video).prev_sample
-                actions = self.action_scheduler.step(action_velocity, t_action, actions).prev_sample
-
-        final_video = video_x0 if cfg.decoupled_video_noise else video
-        predicted = ((final_video + 1.0) / 2.0).clamp(0.0, 1.0)
-        latency = time.perf_counter() - start
-        # Diagnostics, computed after the clock stops so that they cost the uncached run nothing.
-        similarities: list[float | None] = []
-        previous = None
-        for velocity in computed:
-            similarities.append(None if velocity is None or previous is None
-                                else velocity_similarity(velocity, previous))
-            previous = velocity if velocity is not None else previous
-        result = ChunkOutput(
-            actions=(actions * model_cfg.action_scale).numpy().astype(np.float32),
-            frames=predicted.numpy().astype(np.float32),
-            dit_forwards=forwards,
-            prefill_forwards=1,
-            ran=ran,
-            velocity_similarity=similarities,
-            trace=list(cache_state.trace) if cache_state is not None else [],
-            latency_s=latency,
-            context_frames=self.kv_cache.num_frames,
-            context_reset=context_reset,
-        )
-        logger.debug("chunk: %d/%d forwards, %.1f ms", forwards, steps, 1000 * result.latency_s)
-        return result
-
-    @staticmethod
-    def _as_batch(value: Any, batched_dim: int, name: str, tail: tuple[int, ...]) -> torch.Tensor:
-        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-        tensor = tensor.float()
+    def _as_batch(self, value: Any, batched_dim: int, name: str, tail: tuple[int, ...]) -> torch.Tensor:
+        if value is None:
+            raise ValueError(f"{name} is missing (None)")
+        try:
+            tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float32))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be an array of numbers of shape {tail} or (B, *{tail}): {error}") from None
+        tensor = tensor.detach().float().cpu()
         if tensor.dim() == batched_dim - 1:
             tensor = tensor[None]
-        if tensor.dim() != batched_dim or tuple(tensor.shape[1:]) != tail:
-            raise ValueError(f"{name} must have shape {tail} or (B, *{tail}), got {tuple(tensor.shape)}")
+        if tensor.dim() != batched_dim or tuple(tensor.shape[1:]) != tail or tensor.shape[0] == 0:
+            raise ValueError(f"{name} must have shape {tail} or (B, *{tail}) with B >= 1, got {tuple(tensor.shape)}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name} must be finite")
         return tensor
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -1,0 +1,428 @@
+"""Load benchmark of ``stepcache serve``: N simulated robots, closed loop over HTTP, for a bounded time.
+
+One server process per serving mode (``python -m stepcache serve`` on a free loopback port) is started
+first; then, for every N and every mode in turn (interleaved, so that a change of load on a shared
+machine hits every mode alike), N robot threads each open a session and drive ``ReachingWorld``
+episodes closed loop (observe, POST the observation, execute the returned actions) until the time is
+up. Only chunks that complete inside the measured window (after a warm-up) count.
+
+Reported per (mode, N): chunks/s, p50 / p99 chunk latency as the robot sees it (HTTP round trip:
+queueing, batching and the chunk itself), DiT forwards per chunk, chunks per forward (batching),
+episode success rate, and memory per open session (the tensors a session holds, from the server's
+``/health``, and the server's resident-memory growth per session). Modes:
+
+- ``none``: no cache, chunks batched;
+- ``step_cache``: the seed's defaults, each session deciding its own steps;
+- ``batch_mean``: the seed's defaults, one decision per batch from the mean cosine (upstream's rule);
+- ``none_unbatched``: no cache, one chunk at a time (what batching is compared against).
+
+    .venv/bin/python benchmarks/serve_load.py --duration 8 --out docs/figures
+
+writes ``serve_load.json`` and ``serve_load.png`` (throughput against N) into ``--out`` and prints a
+table. ``--transport inprocess`` drives the sessions of an in-process ``Omni`` from the robot threads
+instead (no HTTP; ``--device cuda`` runs the model on a GPU). ``--fidelity`` measures what the
+batch-mean rule costs: the same inputs replayed through per-session and batch-mean batches, compared
+with the uncached outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+MODES: dict[str, list[str]] = {
+    "none": ["--no-cache"],
+    "step_cache": [],
+    "batch_mean": ["--decision", "batch_mean"],
+    "none_unbatched": ["--no-cache", "--no-batching"],
+}
+
+
+@dataclass
+class Load:
+    """What the robots of one (mode, N) run measured."""
+
+    chunks: list[tuple[float, float, int, float]] = field(default_factory=list)  # (end, latency, forwards, queue)
+    episodes: list[tuple[float, bool]] = field(default_factory=list)  # (end, success)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def start_server(mode: str, model: str, threads: int, max_sessions: int) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "stepcache", "serve", "--port", "0", "--model", model, "--threads", str(threads),
+               "--max-sessions", str(max_sessions), "--session-ttl", "3600", *MODES[mode]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = re.search(r" on (http://127\.0\.0\.1:\d+)", line)
+        if match:
+            # keep draining the server's output so that it never blocks on a full pipe
+            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+            return process, match.group(1)
+    process.kill()
+    raise RuntimeError(f"the {mode} server did not start: {' '.join(command)}")
+
+
+def resident_bytes(pid: int) -> int:
+    """The process's resident memory (Linux /proc), 0 where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def robot(index: int, url: str, start_at: float, stop_at: float, load: Load) -> None:
+    """One robot: a session, episodes closed loop until ``stop_at``."""
+    from stepcache.models.dreamzero.world import ReachingWorld
+
+    with httpx.Client(base_url=url, timeout=600) as client:
+        session = client.post("/sessions", json={"seed": index}).json()["session_id"]
+        episode = 0
+        try:
+            while time.perf_counter() < stop_at:
+                seed = 10_000 * (index + 1) + episode
+                client.post(f"/sessions/{session}/reset", json={"seed": seed}).raise_for_status()
+                world = ReachingWorld()
+                frame, state = world.reset(seed)
+                while not world.done and time.perf_counter() < stop_at:
+                    body = {"frame": frame.tolist(), "instruction": world.instruction, "state": state.tolist()}
+                    sent = time.perf_counter()
+                    response = client.post(f"/sessions/{session}/chunks", json=body)
+                    ended = time.perf_counter()
+                    if response.status_code != 200:
+                        with load.lock:
+                            load.errors.append(f"{response.status_code}: {response.text[:200]}")
+                        return
+                    data = response.json()
+                    if start_at <= ended <= stop_at:
+                        with load.lock:
+                            load.chunks.append((ended, ended - sent, data["stats"]["dit_forwards"],
+                                                data["stats"]["queue_s"]))
+                    frame, state = world.execute(np.asarray(data["actions"]))
+                if world.done and start_at <= time.perf_counter() <= stop_at:
+                    with load.lock:
+                        load.episodes.append((time.perf_counter(), world.success))
+                episode += 1
+        finally:
+            client.delete(f"/sessions/{session}")
+
+
+def robot_inprocess(index: int, omni: Any, start_at: float, stop_at: float, load: Load) -> None:
+    """One robot on an in-process ``Omni``: a session, episodes closed loop until ``stop_at``."""
+    from stepcache.models.dreamzero.world import ReachingWorld
+
+    with omni.open_session(seed=index) as session:
+        episode = 0
+        while time.perf_counter() < stop_at:
+            seed = 10_000 * (index + 1) + episode
+            session.start_episode(seed)
+            world = ReachingWorld()
+            frame, state = world.reset(seed)
+            while not world.done and time.perf_counter() < stop_at:
+                sent = time.perf_counter()
+                out = session.generate(frame, world.instruction, state)
+                ended = time.perf_counter()
+                if start_at <= ended <= stop_at:
+                    with load.lock:
+                        load.chunks.append((ended, ended - sent, out.stats.dit_forwards, out.stats.queue_s))
+                frame, state = world.execute(out.actions)
+            if world.done and start_at <= time.perf_counter() <= stop_at:
+                with load.lock:
+                    load.episodes.append((time.perf_counter(), world.success))
+            episode += 1
+
+
+def run_load_inprocess(omni: Any, robots: int, warmup: float, duration: float) -> dict[str, Any]:
+    before = omni.engine.stats
+    rss_before = resident_bytes(os.getpid())
+    load = Load()
+    start_at = time.perf_counter() + warmup
+    stop_at = start_at + duration
+    threads = [threading.Thread(target=robot_inprocess, args=(i, omni, start_at, stop_at, load), daemon=True)
+               for i in range(robots)]
+    for thread in threads:
+        thread.start()
+    time.sleep(max(0.0, stop_at - time.perf_counter() - 0.5))
+    sessions = omni.sessions
+    session_bytes = sum(session.nbytes() for session in sessions) / max(len(sessions), 1)
+    rss_open = resident_bytes(os.getpid())
+    for thread in threads:
+        thread.join()
+    after = omni.engine.stats
+    return summarise(load, robots, duration, after.chunk_forwards - before.chunk_forwards,
+                     after.denoise_forwards - before.denoise_forwards, session_bytes,
+                     (rss_open - rss_before) / max(len(sessions), 1))
+
+
+def summarise(load: Load, robots: int, duration: float, forward_chunks: int, forwards: int, session_bytes: float,
+              session_rss: float) -> dict[str, Any]:
+    latencies = np.array([c[1] for c in load.chunks]) if load.chunks else np.array([math.nan])
+    return {
+        "robots": robots,
+        "chunks": len(load.chunks),
+        "chunks_per_s": len(load.chunks) / duration,
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p99_s": float(np.percentile(latencies, 99)),
+        "queue_p50_s": float(np.median([c[3] for c in load.chunks])) if load.chunks else math.nan,
+        "dit_forwards_per_chunk": float(np.mean([c[2] for c in load.chunks])) if load.chunks else math.nan,
+        "chunks_per_forward": forward_chunks / forwards if forwards else math.nan,
+        "episodes": len(load.episodes),
+        "success_rate": float(np.mean([e[1] for e in load.episodes])) if load.episodes else math.nan,
+        "session_tensor_bytes": session_bytes,
+        "session_rss_bytes": session_rss,
+        "errors": load.errors[:5],
+    }
+
+
+def run_load(url: str, pid: int, robots: int, warmup: float, duration: float) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        before = client.get("/health").json()["engine"]
+        rss_before = resident_bytes(pid)
+        load = Load()
+        start_at = time.perf_counter() + warmup
+        stop_at = start_at + duration
+        threads = [threading.Thread(target=robot, args=(i, url, start_at, stop_at, load), daemon=True)
+                   for i in range(robots)]
+        for thread in threads:
+            thread.start()
+        # memory while every session is open and holds its context (just before the end)
+        time.sleep(max(0.0, stop_at - time.perf_counter() - 0.5))
+        health = client.get("/health").json()
+        rss_open = resident_bytes(pid)
+        for thread in threads:
+            thread.join()
+        after = client.get("/health").json()["engine"]
+    sessions = max(health["sessions"], 1)
+    return summarise(load, robots, duration, after["chunk_forwards"] - before["chunk_forwards"],
+                     after["denoise_forwards"] - before["denoise_forwards"], health["session_bytes"] / sessions,
+                     (rss_open - rss_before) / sessions)
+
+
+def make_omni(mode: str, model: str, device: str | None) -> Any:
+    """The in-process equivalent of ``stepcache serve`` with ``MODES[mode]``."""
+    from stepcache.omni import Omni
+
+    engine = {"decision": "batch_mean" if mode == "batch_mean" else "per_session",
+              "batching": mode != "none_unbatched", "max_batch": 64}
+    backend = None if mode.startswith("none") else "step_cache"
+    return Omni(model, cache_backend=backend, engine_config=engine, device=device)
+
+
+def forward_cost(model: str, device: str | None, rows: tuple[int, ...] = (2, 8, 32, 128)) -> dict[str, float]:
+    """Milliseconds per denoising forward of the DiT with ``rows`` rows (2 = one session with CFG), with a
+    2-frame context: what batching can gain is how far this stays below linear in the rows."""
+    import torch
+
+    from stepcache.models.dreamzero.model import KVCache
+    from stepcache.models.dreamzero.weights import load_model
+
+    dit = load_model(model).to(device or "cpu")
+    cfg = dit.config
+    costs = {}
+    with torch.no_grad():
+        for count in rows:
+            cache = KVCache()
+            instruction = torch.tensor([0, cfg.null_instruction] * (count // 2), device=device)
+            for _ in range(2):
+                dit.prefill(torch.zeros(count, cfg.frame_size, cfg.frame_size, device=device), instruction, cache)
+            inputs = (torch.randn(count, cfg.future_frames, cfg.frame_size, cfg.frame_size, device=device),
+                      torch.randn(count, cfg.action_horizon, cfg.action_dim, device=device),
+                      torch.zeros(count, cfg.state_dim, device=device), torch.full((count,), 900.0, device=device),
+                      torch.full((count,), 900.0, device=device), instruction, cache)
+            for _ in range(3):
+                dit(*inputs)
+            repeats = max(5, 400 // count)
+            if device and device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                dit(*inputs)
+            if device and device.startswith("cuda"):
+                torch.cuda.synchronize()
+            costs[str(count)] = 1000 * (time.perf_counter() - start) / repeats
+    return costs
+
+
+def fidelity(model: str, sessions: int, chunks: int, device: str | None) -> dict[str, Any]:
+    """Replay the same inputs (``sessions`` uncached closed-loop episodes of ``chunks`` chunks) through
+    batches of all the sessions at once, with per-session and with batch-mean decisions, and through
+    each session alone; compare forwards, schedules and actions."""
+    from stepcache.models.dreamzero.world import ReachingWorld
+
+    reference = make_omni("none", model, device)
+    inputs, uncached = [], []
+    for index in range(sessions):
+        world = ReachingWorld()
+        frame, state = world.reset(20_000 + index)
+        episode, outputs = [], []
+        with reference.open_session(seed=index) as session:
+            for _ in range(chunks):
+                episode.append((frame, world.instruction, state))
+                out = session.generate(frame, world.instruction, state)
+                outputs.append(out)
+                frame, state = world.execute(out.actions)
+        inputs.append(episode)
+        uncached.append(outputs)
+    reference.close()
+
+    def replay(mode: str, together: bool) -> list[list[Any]]:
+        omni = make_omni(mode, model, device)
+        opened = [omni.open_session(seed=index) for index in range(sessions)]
+        outputs: list[list[Any]] = [[] for _ in range(sessions)]
+        for chunk in range(chunks):
+            if together:
+                with omni.engine.paused():
+                    futures = [s.submit(*inputs[i][chunk]) for i, s in enumerate(opened)]
+                for i, future in enumerate(futures):
+                    outputs[i].append(future.result())
+            else:
+                for i, s in enumerate(opened):
+                    outputs[i].append(s.generate(*inputs[i][chunk]))
+        omni.close()
+        return outputs
+
+    alone = replay("step_cache", together=False)
+    result: dict[str, Any] = {"sessions": sessions, "chunks": chunks}
+    for name, outputs in (("step_cache", replay("step_cache", True)), ("batch_mean", replay("batch_mean", True))):
+        pairs = [(o, a, u) for session in range(sessions)
+                 for o, a, u in zip(outputs[session], alone[session], uncached[session])]
+        result[name] = {
+            "dit_forwards_per_chunk": float(np.mean([o.stats.dit_forwards for o, _, _ in pairs])),
+            "schedules_as_alone": float(np.mean([o.stats.ran == a.stats.ran for o, a, _ in pairs])),
+            "action_mse_vs_none": float(np.mean([np.mean(((o.actions - u.actions) / 0.06) ** 2) for o, _, u in pairs])),
+            "worst_chunk_action_mse_vs_none": float(max(np.mean(((o.actions - u.actions) / 0.06) ** 2)
+                                                        for o, _, u in pairs)),
+        }
+    return result
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, rows in results.items():
+        ax.plot([r["robots"] for r in rows], [r["chunks_per_s"] for r in rows], "o-", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("robots (concurrent sessions)")
+    ax.set_ylabel("chunks / s")
+    ax.set_title(f"stepcache serve: throughput against load ({device})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--robots", default="1,4,16,64", help="comma-separated N")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per (mode, N)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the measurement starts")
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument("--model", default="dreamzero-mini")
+    parser.add_argument("--out", type=Path, default=None, help="folder for NAME.json and NAME.png")
+    parser.add_argument("--name", default="serve_load", help="file name (no suffix) of the outputs")
+    parser.add_argument("--transport", choices=("http", "inprocess"), default="http",
+                        help="http: robots talk to stepcache serve processes; inprocess: to an Omni's sessions")
+    parser.add_argument("--device", default=None, help="inprocess only: where the model runs (cpu, cuda)")
+    parser.add_argument("--forward-cost", action="store_true", help="also time one DiT forward of 2 to 128 rows")
+    parser.add_argument("--fidelity", type=int, default=0, metavar="SESSIONS",
+                        help="also replay SESSIONS uncached episodes through per-session and batch-mean batches")
+    args = parser.parse_args(argv)
+    robots = [int(n) for n in args.robots.split(",") if n]  # --robots "": only --fidelity
+    modes = [mode for mode in args.modes.split(",") if mode]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or (robots and min(robots) < 1) or args.duration <= 0 or args.warmup < 0 or args.fidelity < 0:
+        parser.error(f"bad --modes {unknown} / --robots / --duration / --warmup")
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    started = time.time()
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    omnis: dict[str, Any] = {}
+    if args.transport == "inprocess":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        for mode in modes:
+            if args.transport == "http":
+                servers[mode] = start_server(mode, args.model, args.threads, max(robots, default=0) + 8)
+            else:
+                omnis[mode] = make_omni(mode, args.model, args.device)
+        for n in robots:
+            for mode in modes:
+                if args.transport == "http":
+                    process, url = servers[mode]
+                    row = run_load(url, process.pid, n, args.warmup, args.duration)
+                else:
+                    row = run_load_inprocess(omnis[mode], n, args.warmup, args.duration)
+                results[mode].append(row)
+                print(f"{mode:>15} N={n:<3} {row['chunks_per_s']:6.2f} chunks/s"
+                      f"  p50 {1000 * row['latency_p50_s']:7.1f} ms"
+                      f"  p99 {1000 * row['latency_p99_s']:7.1f} ms  {row['dit_forwards_per_chunk']:5.2f} fwd/chunk"
+                      f"  {row['chunks_per_forward']:5.2f} chunks/fwd  success {row['success_rate']:.2f}"
+                      f" ({row['episodes']} ep)  {row['session_tensor_bytes'] / 1024:.0f} KiB/session"
+                      f"{'  ERRORS ' + str(row['errors']) if row['errors'] else ''}", flush=True)
+    finally:
+        for omni in omnis.values():
+            omni.close()
+        for process, _ in servers.values():
+            process.terminate()
+        for process, _ in servers.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    document: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "transport": args.transport,
+        "device": args.device or "cpu", "duration_s": args.duration, "warmup_s": args.warmup,
+        "torch_threads": args.threads, "cpu_count": os.cpu_count(), "results": results,
+    }
+    if args.forward_cost:
+        if args.transport == "inprocess" or not robots:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        document["forward_ms_by_rows"] = forward_cost(args.model, args.device)
+        print("ms per DiT forward by rows:", json.dumps(document["forward_ms_by_rows"]), flush=True)
+    if args.fidelity:
+        document["fidelity"] = fidelity(args.model, args.fidelity, 4, args.device)
+        print("fidelity:", json.dumps(document["fidelity"]), flush=True)
+    elapsed = time.time() - started
+    document["elapsed_s"] = elapsed
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.out / f'{args.name}.json'}")
+        if robots:
+            plot(results, args.out / f"{args.name}.png", document["device"])
+            print(f"wrote {args.out / f'{args.name}.png'}")
+    print(f"{elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
