@@ -123,7 +123,7 @@ class StepCacheBackend(CacheBackend):
             )
         if state.trace and verbose:
             logger.info("%s (previous generation)", state.summary())
-        state.reset()
+        state.reset(num_inference_steps)  # a fixed schedule past the end fails here, before any forward
         if verbose:
             logger.debug("stepcache refreshed for %d steps", num_inference_steps)
 

@@ -165,3 +165,18 @@ def test_seed_modules_exist():
     assert config.StepCacheConfig is StepCacheConfig
     assert state.StepCacheState is StepCacheState
     assert backend.StepCacheBackend is StepCacheBackend
+
+
+def test_refresh_checks_the_config_against_the_step_count():
+    from stepcache import StepCacheBackend, get_stepcache_state
+
+    class DreamZeroPipeline:  # matched by class name, like the real one
+        pass
+
+    pipeline = DreamZeroPipeline()
+    backend = StepCacheBackend({"step_cache_dit_static_steps": [0, 50]})
+    backend.enable(pipeline)
+    with pytest.raises(ValueError, match=r"\[50\] past the end of a 16-step generation"):
+        backend.refresh(pipeline, num_inference_steps=16)
+    backend.refresh(pipeline, num_inference_steps=51)
+    assert get_stepcache_state(pipeline).generation_steps == 51

@@ -377,7 +377,10 @@ def test_a_second_chunk_on_a_busy_episode_is_refused():
 
 
 def test_a_fixed_schedule_past_the_end_is_refused_before_any_work():
-    pipe = _pipeline({"step_cache_dit_static_steps": [0, 50]})
+    with pytest.raises(ValueError, match="50"):  # the backend's refresh knows the step count
+        _pipeline({"step_cache_dit_static_steps": [0, 50]})
+    pipe = _pipeline(None)
+    StepCacheBackend({"step_cache_dit_static_steps": [0, 50]}).enable(pipe)  # enabled, never refreshed
     world = ReachingWorld()
     frame, state = world.reset(0)
     with pytest.raises(ValueError, match="50"):
