@@ -62,6 +62,24 @@ USER_FIELD_NAMES: dict[str, str] = {
 RUNTIME_FIELD_NAMES = {user: runtime for runtime, user in USER_FIELD_NAMES.items()}
 
 
+def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON value in ``path``; a missing, unreadable, empty or malformed file is a ValueError that
+    says what the file was for (``what``) and names it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {err.strerror or err}") from None
+    if not text.strip():
+        raise ValueError(f"{what} {str(path)!r} is empty; it should hold a JSON object")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -424,18 +442,7 @@ class DiffusionCacheConfig:
         """Read a config saved as JSON (``save``, ``stepcache calibrate``). A missing, empty or malformed
         file, or one with a bad value, is an error that names the path."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ValueError(f"cache config file {str(path)!r} does not exist") from None
-        except OSError as err:
-            raise ValueError(f"cache config file {str(path)!r} cannot be read: {err.strerror or err}") from None
-        if not text.strip():
-            raise ValueError(f"cache config file {str(path)!r} is empty; it should hold a JSON object")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cache config file {str(path)!r} is not valid JSON: {err}") from None
+        data = read_json_file(path, "cache config file")
         if isinstance(data, Mapping) and isinstance(data.get("config"), Mapping):
             data = data["config"]  # a calibration report: the config it chose
         try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepcache.config import DiffusionCacheConfig
+from stepcache.config import DiffusionCacheConfig, read_json_file
 
 FORMAT_NAME = "stepcache-calibration"
 FORMAT_VERSION = 1
@@ -249,18 +249,7 @@ class CalibrationResult:
     def load(cls, path: str | os.PathLike[str]) -> CalibrationResult:
         """Read a file written by :meth:`save`. A missing, empty or malformed file is an error naming it."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ValueError(f"calibration file {str(path)!r} does not exist") from None
-        except OSError as err:
-            raise ValueError(f"calibration file {str(path)!r} cannot be read: {err.strerror or err}") from None
-        if not text.strip():
-            raise ValueError(f"calibration file {str(path)!r} is empty")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"calibration file {str(path)!r} is not valid JSON: {err}") from None
+        data = read_json_file(path, "calibration file")
         if not isinstance(data, Mapping) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(
