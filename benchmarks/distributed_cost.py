@@ -13,15 +13,18 @@ rank. Per layout, on rank 0 (every rank waits at a barrier before each timed loo
 - ``check``: what ``check_consistency=True`` adds to one decision (its two ``all_gather`` calls): the
   median of ``plan_step`` with the check minus without it;
 - ``forward``: one denoising forward of the parallel DiT (median of 20);
-- chunk latency (16 steps, the example's UniPC loop, median over ``--chunks`` chunks after one
-  warm-up chunk) with StepCache off, on, and on with the check; and the forwards per chunk.
+- chunk latency of the bundled ``DreamZeroPipeline`` (16 steps, ``pipe(frame, instruction, state)``,
+  median over ``--chunks`` chunks after one warm-up chunk; on 1 rank the one-process pipeline, on
+  several ``DreamZeroPipeline(..., parallel=groups)`` with StepCache enabled through the backend on
+  ``pipeline.decision_group``) with StepCache off, on, and on with the check; and the forwards per
+  chunk. A distributed chunk includes the pipeline's own collectives: the input check at its start,
+  the gather of the frames and the reduction of its per-step similarity diagnostics at its end.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import statistics
 import tempfile
@@ -32,11 +35,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("distributed_loop", ROOT / "examples" / "distributed_loop.py")
-distributed_loop = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(distributed_loop)  # the loop docs/distributed.md shows, timed as it is
 
 LAYOUTS = [  # (name, ranks, cfg_parallel)
     ("1 process", 1, 1),
@@ -59,10 +57,11 @@ def _median_us(fn, repeats: int) -> float:
 
 
 def _measure(rank: int, world: int, cfg_parallel: int, repeats: int, chunks: int) -> dict[str, Any]:
-    from stepcache import StepCacheConfig, VelocityCache
+    from stepcache import StepCacheBackend, StepCacheConfig
     from stepcache.models.dreamzero import ReachingWorld, load_model
     from stepcache.models.dreamzero.model import KVCache
     from stepcache.models.dreamzero.parallel import ParallelGroups, ParallelWorldActionDiT
+    from stepcache.models.dreamzero.pipeline import DreamZeroPipeline, DreamZeroPipelineConfig
     from stepcache.models.dreamzero.world import instruction_index
     from stepcache.state import StepCacheState, velocity_signals
 
@@ -97,25 +96,30 @@ def _measure(rank: int, world: int, cfg_parallel: int, repeats: int, chunks: int
             result["check_us"] = (_median_us(lambda: checked.plan_step(history), repeats)
                                   - _median_us(lambda: plain.plan_step(history), repeats))
 
-        def chunk_ms(cache) -> tuple[float, float]:
-            kv, latencies, forwards = KVCache(), [], []
+        def chunk_ms(cache: bool, check: bool = False) -> tuple[float, float]:
+            pipe = DreamZeroPipeline(dit.model, DreamZeroPipelineConfig(num_inference_steps=STEPS),
+                                     parallel=groups if world > 1 else None)
+            if cache:
+                backend = StepCacheBackend(None)  # the default config (the seed's rule)
+                if world > 1:
+                    backend.enable(pipe, process_group=pipe.decision_group, check_consistency=check)
+                else:
+                    backend.enable(pipe)
             generator = torch.Generator().manual_seed(0)
-            for chunk in range(chunks + 1):
-                if chunk % 4 == 0:
-                    kv.reset()
+            latencies, forwards = [], []
+            for chunk in range(chunks + 1):  # the context is cleared every 4 chunks, as DreamZero does
                 dist.barrier()
                 started = time.perf_counter()
-                distributed_loop.denoise_chunk(dit, kv, cache, latent, instruction, model_state, generator, STEPS)
+                out = pipe(frame, env.instruction, state, generator=generator)
                 if chunk:  # the first chunk warms up
                     latencies.append(1000 * (time.perf_counter() - started))
-                    forwards.append(cache.state.computed_steps if cache is not None else STEPS)
+                    forwards.append(out.dit_forwards)
             return statistics.median(latencies), statistics.mean(forwards)
 
-        result["chunk_off_ms"], _ = chunk_ms(None)
-        result["chunk_on_ms"], result["forwards_on"] = chunk_ms(VelocityCache(StepCacheConfig(), process_group=group))
+        result["chunk_off_ms"], _ = chunk_ms(False)
+        result["chunk_on_ms"], result["forwards_on"] = chunk_ms(True)
         if group is not None:
-            result["chunk_check_ms"], _ = chunk_ms(
-                VelocityCache(StepCacheConfig(), process_group=group, check_consistency=True))
+            result["chunk_check_ms"], _ = chunk_ms(True, check=True)
     return result
 
 
@@ -128,6 +132,7 @@ def _rank_main(rank: int, world: int, cfg_parallel: int, rendezvous: str, out: s
         result = _measure(rank, world, cfg_parallel, repeats, chunks)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (seen: SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
@@ -150,7 +155,7 @@ def main() -> None:
     for name, world, cfg_parallel in LAYOUTS:
         result = run_layout(world, cfg_parallel, args.repeats, args.chunks)
         rows.append({"layout": name, "ranks": world, **result})
-    print("| layout | ranks | forward ms | signals us (local sums) | check us | chunk off ms | chunk on ms "
+    print("| layout | ranks | forward ms | signals us (local sums) | check us | pipeline chunk off ms | chunk on ms "
           "(forwards) | chunk on + check ms | per-step cost of the reduction |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:

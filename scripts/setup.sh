@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${STEPCACHE_VENV:-.venv}
 TORCH_SPEC=${STEPCACHE_TORCH:-torch==2.13.0}
+# Extra pip arguments for the torch install only, e.g. a CPU wheel index:
+#   STEPCACHE_TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+read -r -a TORCH_PIP_ARGS <<< "${STEPCACHE_TORCH_PIP_ARGS:-}"
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
@@ -29,8 +32,9 @@ pip_install() {
 }
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-    echo "setup: installing $TORCH_SPEC (CPU build)"
-    pip_install "$TORCH_SPEC"
+    echo "setup: installing $TORCH_SPEC ${STEPCACHE_TORCH_PIP_ARGS:-}"
+    pip_install "$TORCH_SPEC" "${TORCH_PIP_ARGS[@]}"
+    "$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 fi
 echo "setup: installing stepcache with all extras"
 pip_install -e ".[all]"

@@ -104,7 +104,7 @@ class StepCacheBackend(CacheBackend):
             raise ValueError(
                 f"StepCache does not support pipeline {type(pipeline).__name__}; supported pipelines: "
                 f"{sorted(CUSTOM_STEPCACHE_ENABLERS)} (register an enabler in CUSTOM_STEPCACHE_ENABLERS, "
-                "or use stepcache.integrations.diffusers.apply_step_cache for diffusers pipelines)"
+                "or use stepcache.integrations.diffusers.enable_step_cache for diffusers pipelines)"
             )
         if check_consistency and process_group is None:
             raise ValueError("check_consistency needs a process_group")

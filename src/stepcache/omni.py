@@ -16,6 +16,11 @@ own StepCache state; concurrent ``generate`` calls of different sessions share e
 (:mod:`stepcache.serving.engine`), and each session's outputs are those it would get alone (to
 float32 rounding). ``omni.start_episode`` / ``omni.generate`` drive one implicit session.
 
+On several ranks (launched with ``torchrun``), ``Omni(..., parallel={"cfg_parallel": 2,
+"sequence_parallel": 2})`` spreads the model over them (docs/distributed.md): every rank runs the same
+script, makes the same calls in the same order, and gets the same outputs; chunks then run one at a
+time in the calling thread (no batching across sessions).
+
 Without ``cache_backend``, the ``DIFFUSION_CACHE_BACKEND`` environment variable decides (unset,
 empty or "none": no cache); ``cache_backend=None`` or ``"none"`` runs every step whatever the
 environment says. The backend's ``enable(pipeline)`` runs once here, its ``refresh`` before every
@@ -63,7 +68,9 @@ class RequestStats:
     num_inference_steps: int
     latency_s: float  # wall clock of the chunk: cache refresh, prefill, denoising (diagnostics excluded)
     ran: list[bool]  # per step: forward computed or velocity reused
-    velocity_similarity: list[float | None]  # per step: cosine with the previous computed velocity
+    # per step i: cosine of the last two computed video velocities before step i (what the rule compares with
+    # its thresholds at step i; the trace's "similarity" where the rule needed one); None before two are computed
+    velocity_similarity: list[float | None]
     trace: list[dict[str, Any]] = field(default_factory=list)  # StepCache's per-step records (empty when off)
     chunk_index: int = 0  # chunk number within the episode (0 = first)
     context_frames: int = 0  # frames in the KV cache for this chunk
@@ -358,6 +365,99 @@ def _check_pipeline_config(pipeline_config: Any) -> Any:
     )
 
 
+def _check_parallel(parallel: Any, engine_config: Any) -> Any:
+    if parallel is None:
+        return None
+    from stepcache.models.dreamzero.parallel import ParallelConfig
+
+    try:
+        parallel = ParallelConfig.coerce(parallel)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"parallel: {error}") from None
+    if engine_config is not None:
+        raise ValueError(
+            "engine_config does not apply with parallel: on several ranks every rank must run the same chunks in "
+            "the same order, so Omni runs them one at a time in the calling thread (no batching across sessions); "
+            "leave engine_config out"
+        )
+    return parallel
+
+
+class LockstepEngine:
+    """Runs each chunk at once, in the calling thread: the engine of a distributed :class:`Omni`.
+
+    On several ranks every rank must issue the same collectives in the same order. The batching
+    engine admits whatever requests are waiting when its thread looks, which differs from rank to
+    rank, so here each ``submit`` runs its chunk to the end before returning (its future already
+    resolved): the order of the calls is the order on every rank. A second call while one runs (from
+    another thread) is refused, since its order against the first could differ between ranks.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        from stepcache.serving.engine import EngineConfig, EngineStats
+
+        self.pipeline = pipeline
+        self.config = EngineConfig(batching=False, max_batch=1)
+        self._stats = EngineStats()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, context: Any, observation: Any, instruction: str | int, state: Any, *,
+               cache_state: StepCacheState | None = None, generator: torch.Generator | None = None,
+               num_inference_steps: int | None = None) -> Any:
+        """Run one chunk of ``context``'s episode now; returns its request, the future resolved."""
+        from stepcache.serving.engine import ChunkRequest, EngineClosedError
+
+        if self._closed:
+            raise EngineClosedError("the engine is closed: make a new Omni to generate again")
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "a distributed Omni runs one chunk at a time, from one thread: every rank must issue the same "
+                "chunks in the same order, which concurrent calls cannot guarantee; call generate() in turn"
+            )
+        request = ChunkRequest(context, observation, instruction, state, cache_state, generator, num_inference_steps)
+        try:
+            request.admitted = time.perf_counter()
+            try:
+                job = self.pipeline.begin_chunk(context, observation, instruction, state, generator=generator,
+                                                num_inference_steps=num_inference_steps, cache_state=cache_state)
+                output = self.pipeline.run_chunk(job)
+            except Exception as error:
+                self._stats.failed_chunks += 1
+                request.future.set_exception(error)
+            else:
+                self._stats.chunks += 1
+                self._stats.prefill_forwards += output.prefill_forwards
+                self._stats.denoise_forwards += output.dit_forwards
+                self._stats.chunk_forwards += output.dit_forwards
+                self._stats.steps += len(output.ran)
+                self._stats.chunk_steps += len(output.ran)
+                request.future.set_result(output)
+        finally:
+            self._lock.release()
+        return request
+
+    @property
+    def stats(self) -> Any:
+        from stepcache.serving.engine import EngineStats
+
+        return EngineStats(**vars(self._stats))
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._lock.locked())
+
+    @property
+    def running(self) -> bool:
+        return False  # no worker thread
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Refuse new chunks (one running in another thread finishes first)."""
+        self._closed = True
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+
+
 class Omni:
     """Load a DreamZero-style model and generate action chunks, with or without StepCache, for one
     episode (:meth:`generate`) or many at once (:meth:`open_session`).
@@ -374,7 +474,15 @@ class Omni:
         engine_config: how sessions are batched: a :class:`~stepcache.serving.EngineConfig` or a dict
             of its fields (default: per-session decisions, continuous batching of up to 64 chunks).
         device: where the model runs (``"cpu"``, ``"cuda"``, ...; default: CPU). The noise is drawn on
-            the CPU either way, so a seed gives the same chunk noise everywhere.
+            the CPU either way, so a seed gives the same chunk noise everywhere. With ``parallel``,
+            ``"cuda"`` means this rank's GPU (``cuda:LOCAL_RANK``).
+        parallel: spread the model over the ranks of a ``torchrun`` job: a
+            :class:`~stepcache.models.dreamzero.parallel.ParallelConfig` or a dict of its fields
+            (``cfg_parallel``, ``sequence_parallel``, ``check_consistency``, ``backend``,
+            ``timeout_s``); the default process group is started from torchrun's environment unless it
+            already runs. Every rank must pass the same arguments (checked once, here) and make the
+            same calls in the same order; chunks run one at a time in the calling thread, so
+            ``engine_config`` does not apply. None (default): one process.
     """
 
     def __init__(
@@ -387,6 +495,7 @@ class Omni:
         seed: int = 0,
         engine_config: Any = None,
         device: str | torch.device | None = None,
+        parallel: Any = None,
     ) -> None:
         from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
         from stepcache.serving.engine import BatchingEngine, EngineConfig
@@ -394,6 +503,7 @@ class Omni:
         model = _check_model(model)
         seed = check_seed(seed)
         pipeline_config = _check_pipeline_config(pipeline_config)
+        parallel = _check_parallel(parallel, engine_config)
         engine_config = EngineConfig.coerce(engine_config)
         try:
             device = None if device is None else torch.device(device)
@@ -404,17 +514,27 @@ class Omni:
         else:
             backend = get_cache_backend("none" if cache_backend is None else cache_backend, cache_config)
         self.model = model
-        self.pipeline = DreamZeroPipeline.from_pretrained(model, pipeline_config)
-        if device is not None:
-            self.pipeline.transformer.to(device)
         self.cache_backend: CacheBackend | None = backend
         self.cache_backend_name = "none" if backend is None else "step_cache"
+        self.parallel = parallel
+        self._owns_process_group = False
+        if parallel is None:
+            self.pipeline = DreamZeroPipeline.from_pretrained(model, pipeline_config)
+            if device is not None:
+                self.pipeline.transformer.to(device)
+        else:
+            self._load_parallel(parallel, device, pipeline_config, seed)
         if backend is not None:
-            backend.enable(self.pipeline)
+            if parallel is None:
+                backend.enable(self.pipeline)
+            else:
+                backend.enable(self.pipeline, process_group=self.pipeline.decision_group,
+                               check_consistency=parallel.check_consistency)
             step_config = get_stepcache_config(self.pipeline)
             if step_config is not None:  # e.g. a fixed schedule naming steps past the end
                 step_config.check_num_steps(self.num_inference_steps)
-        self.engine = BatchingEngine(self.pipeline, engine_config)
+        self.engine = BatchingEngine(self.pipeline, engine_config) if parallel is None else LockstepEngine(
+            self.pipeline)
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
         self._default = Session(self, self.pipeline.context, get_stepcache_state(self.pipeline), seed, "default",
@@ -424,6 +544,74 @@ class Omni:
     @property
     def num_inference_steps(self) -> int:
         return self.pipeline.config.num_inference_steps
+
+    # -- several ranks --------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the default group (0 for one process)."""
+        if self.parallel is None:
+            return 0
+        import torch.distributed as dist
+
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the model is spread over (1 for one process)."""
+        if self.parallel is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+
+    def _load_parallel(self, parallel: Any, device: torch.device | None, pipeline_config: Any, seed: int) -> None:
+        """Start the default group (unless it runs), make the groups, load the pipeline on them, and
+        check that every rank got the same arguments (one all_gather): a rank that fails or differs
+        fails every rank here, at load, instead of leaving the others waiting in a forward."""
+        from stepcache.models.dreamzero.parallel import fingerprint, init_distributed, ranks_agree
+        from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
+
+        if device is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+        self._owns_process_group = init_distributed(parallel.backend, device=device, timeout_s=parallel.timeout_s)
+        try:
+            groups = parallel.create_groups()  # collective, the same on every rank: fails alike
+            settings = {  # what must be equal on every rank; the pipeline's part filled in once it loaded
+                "model": fingerprint(str(self.model)), "model_config": 0, "pipeline_config": 0, "seed": seed,
+                "cache_backend": fingerprint(self.cache_backend_name),
+                "cache_config": fingerprint(None if self.cache_backend is None else self.cache_backend.config),
+                "parallel": fingerprint(parallel),
+            }
+            error = None
+            try:
+                self.pipeline = DreamZeroPipeline.from_pretrained(self.model, pipeline_config, parallel=groups)
+                if device is not None:
+                    self.pipeline.transformer.to(device)
+                settings["model_config"] = fingerprint(self.pipeline.transformer.config)
+                settings["pipeline_config"] = fingerprint(self.pipeline.config)
+            except Exception as local_error:
+                error = local_error
+            ranks_agree(settings, groups.model_group, "the Omni arguments", ok=error is None)
+            if error is not None:
+                raise error
+        except BaseException:
+            self._end_parallel()
+            raise
+
+    def _end_parallel(self, together: bool = False) -> None:
+        """End the default group if this Omni started it; ``together``: after a barrier (every rank is
+        closing), so that no rank tears gloo down while a peer still talks to it."""
+        if self._owns_process_group:
+            import torch.distributed as dist
+
+            self._owns_process_group = False
+            if dist.is_initialized():
+                if together:
+                    dist.barrier()
+                dist.destroy_process_group()
 
     # -- the implicit session -------------------------------------------------------------------
 
@@ -461,7 +649,13 @@ class Omni:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError(f"session_id must be a non-empty string or None, got {session_id!r}")
         config = get_stepcache_config(self.pipeline)
-        state = StepCacheState(config) if config is not None and config.enabled else None
+        state = None
+        if config is not None and config.enabled:
+            if self.parallel is None:
+                state = StepCacheState(config)
+            else:  # decisions reduced (and checked) across the ranks, as the implicit session's
+                state = StepCacheState(config, process_group=self.pipeline.decision_group,
+                                       check_consistency=self.parallel.check_consistency)
         with self._sessions_lock:
             session_id = session_id or uuid.uuid4().hex
             if session_id in self._sessions or session_id == "default":
@@ -496,10 +690,13 @@ class Omni:
             self._sessions.pop(session.id, None)
 
     def close(self) -> None:
-        """Close every session and stop the engine (chunks in flight finish first)."""
+        """Close every session and stop the engine (chunks in flight finish first). On several ranks,
+        also end the default process group when this Omni started it (every rank calls close)."""
         for session in self.sessions:
             session.close()
         self.engine.close()
+        if self.parallel is not None:
+            self._end_parallel(together=True)
 
     def __enter__(self) -> Omni:
         return self

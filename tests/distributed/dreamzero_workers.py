@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 
 import torch
@@ -136,22 +135,11 @@ def dreamzero_worker(rank: int, world: int) -> dict[str, Any]:
         }
         results[name] = result
 
-    # 100 consecutive short chunks (context reset every 4) on the layout that uses every collective.
+    # (100 consecutive chunks on these layouts: through the bundled pipeline, in pipeline_workers.py.)
     name = list(LAYOUTS[world])[-1]
     cfg_parallel, sp = LAYOUTS[world][name]
     dit = ParallelWorldActionDiT(model, ParallelGroups.create(cfg_parallel=cfg_parallel, sequence_parallel=sp),
                                  guidance_scale=GUIDANCE)
-    cache = VelocityCache(StepCacheConfig(sim_thresholds=(-0.99,), skip_countdowns=(2,)),
-                          process_group=dit.decision_group, check_consistency=True)
-    kv_cache = KVCache()
-    started = time.monotonic()
-    schedules = []
-    for chunk in range(100):
-        if chunk % 4 == 0:
-            kv_cache.reset()
-        euler_chunk(dit, kv_cache, cache, inputs(seed=100 + chunk), steps=3)
-        schedules.append(cache.state.schedule)
-    results["chunks"] = {"count": len(schedules), "schedules": schedules, "seconds": time.monotonic() - started}
 
     # Layouts the model or the world cannot take are refused with the numbers, on every rank alike.
     errors = {}

@@ -59,5 +59,8 @@ def _rank_main(
     try:
         result = worker(rank, world_size, *args)
         torch.save(result, Path(workdir) / f"rank{rank}.pt")
+        # Every rank done before any tears gloo down: without this, a rank sometimes aborted at exit
+        # ("terminate called without an active exception", SIGABRT) in the benchmark's jobs.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

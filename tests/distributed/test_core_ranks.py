@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from stepcache.state import NON_FINITE
-from tests.distributed.core_workers import CONFIGS, core_worker, feature_bounds
-from tests.distributed.launch import run_ranks
+from tests.distributed.core_workers import CONFIGS, feature_bounds
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
-def ranks(request, tmp_path_factory) -> list[dict]:
-    world = request.param
-    return run_ranks(core_worker, world, tmp_path_factory.mktemp(f"core{world}"), timeout_s=120)
+def ranks(request, rank_results) -> list[dict]:
+    return rank_results(request.param, "core")
 
 
 def _same_floats(a: list[float | None], b: list[float | None], tol: float = 1e-12) -> bool:

@@ -8,13 +8,10 @@ import math
 import pytest
 import torch
 
-from tests.distributed.diffusers_workers import diffusers_worker
-from tests.distributed.launch import run_ranks
-
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    return run_ranks(diffusers_worker, 2, tmp_path_factory.mktemp("diffusers"), timeout_s=120)
+def ranks(rank_results) -> list[dict]:
+    return rank_results(2, "diffusers")
 
 
 @pytest.mark.parametrize("case", ["sharded", "branches"])

@@ -313,5 +313,39 @@ def test_apply_twice_remove_and_stats_without_the_hook_are_refused() -> None:
     apply_step_cache(model)
     assert get_step_cache_stats(model) == StepCacheStats(trace=(), branches=(), forwards=0, reused_outputs=0)
     apply_step_cache(model)  # the same config again: nothing changes
-    with pytest.raises(ValueError, match=r"already applied to ToyDenoiser with another config.*remove_step_cache"):
+    with pytest.raises(ValueError,
+                       match=r"already enabled on ToyDenoiser with another config.*disable_step_cache\(\) first"):
         apply_step_cache(model, NEVER_SKIP)
+
+
+def test_one_vocabulary_old_names_are_the_same_functions() -> None:
+    from stepcache.integrations import diffusers as hook
+
+    assert hook.apply_step_cache is hook.enable_step_cache
+    assert hook.remove_step_cache is hook.disable_step_cache
+    model = ToyDenoiser()
+    assert not hook.is_step_cache_enabled(model)
+    hook.enable_step_cache(model, {"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]})
+    assert hook.is_step_cache_enabled(model)
+    hook.enable_step_cache(model, DiffusionCacheConfig(velocity_sim_thresholds=[0.97], velocity_skip_countdowns=[2]))
+    # Another config is refused; the message shows the config in the names users write.
+    with pytest.raises(ValueError, match=r'another config \(\{"velocity_sim_thresholds": \[0.97\], '
+                                         r'"velocity_skip_countdowns": \[2\]\}\)') as refused:
+        hook.enable_step_cache(model, NEVER_SKIP)
+    assert "sim_thresholds=" not in str(refused.value)
+    assert "velocity_sim_thresholds" in repr(model._diffusers_hook.get_hook("stepcache_step_hook"))
+    hook.remove_step_cache(model)
+    assert not hook.is_step_cache_enabled(model)
+    with pytest.raises(ValueError, match="expected a diffusers pipeline"):
+        hook.is_step_cache_enabled(object())
+
+
+def test_cache_mixin_toy_shows_step_cache_in_diffusers_api() -> None:
+    model = ToyCacheMixinDenoiser()
+    apply_step_cache(model, SKIP_WHENEVER_ALLOWED)
+    assert model.is_cache_enabled
+    two_call_loop(model, _timesteps())
+    model.disable_cache()
+    assert not model.is_cache_enabled and "forward" not in model.__dict__
+    with pytest.raises(ValueError, match="not applied"):
+        get_step_cache_stats(model)

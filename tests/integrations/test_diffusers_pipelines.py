@@ -19,16 +19,25 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    MagCacheConfig,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.hooks import HookRegistry, apply_first_block_cache
 from diffusers.models.cache_utils import CacheMixin
 
 from stepcache import StepCacheConfig
-from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats, remove_step_cache
+from stepcache.integrations.diffusers import (
+    apply_step_cache,
+    disable_step_cache,
+    enable_step_cache,
+    get_step_cache_stats,
+    is_step_cache_enabled,
+    remove_step_cache,
+)
 
 NEVER_SKIP = StepCacheConfig(sim_thresholds=(1.0,), skip_countdowns=(1,))
 SKIP_WHENEVER_ALLOWED = StepCacheConfig(sim_thresholds=(-0.99,), skip_countdowns=(4,))
@@ -267,12 +276,16 @@ def test_diffusers_caches_are_refused_and_left_intact(hooked: Case) -> None:
 
     apply_step_cache(hooked.pipe, SKIP_WHENEVER_ALLOWED)
     cached = hooked.generate()
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    # diffusers' enable_cache sees StepCache and refuses with its own message ...
+    with pytest.raises(ValueError, match=r"already been enabled with <class 'stepcache\.config\.StepCacheConfig'>"):
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    # ... and a diffusers cache applied behind enable_cache's back is refused when the generation starts.
+    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=0.5))
     try:
         with pytest.raises(RuntimeError, match="cannot share a transformer with another diffusers cache"):
             hooked.generate()
     finally:
-        transformer.disable_cache()
+        _remove_first_block_cache(transformer)
     assert torch.equal(hooked.generate(), cached)
     remove_step_cache(hooked.pipe)
     transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
@@ -289,7 +302,7 @@ def test_model_cpu_offload_must_wrap_step_cache(hooked: Case) -> None:
     pipe = hooked.pipe
     pipe.enable_model_cpu_offload(device="cpu")
     try:
-        with pytest.raises(ValueError, match=r"accelerate hook .* call apply_step_cache\(\) before enabling it"):
+        with pytest.raises(ValueError, match=r"accelerate hook .* call enable_step_cache\(\) before enabling it"):
             apply_step_cache(pipe)
     finally:
         pipe.remove_all_hooks()
@@ -329,14 +342,67 @@ def test_wan22_two_experts_share_one_decision_per_step() -> None:
     assert stats.forwards_by_denoiser == {"transformer": 4, "transformer_2": 6}
     assert [r.reason for r in stats.trace][6:8] == ["warmup", "warmup"]
     # A diffusers cache on the expert that never starts a generation is caught as well.
-    case.pipe.transformer_2.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    apply_first_block_cache(case.pipe.transformer_2, FirstBlockCacheConfig(threshold=0.5))
     try:
-        with pytest.raises(RuntimeError, match="WanTransformer3DModel also runs diffusers' FirstBlockCacheConfig"):
+        with pytest.raises(RuntimeError, match="WanTransformer3DModel also runs diffusers' FBCHeadBlockHook"):
             case.generate()
         remove_step_cache(case.pipe)
+    finally:
+        _remove_first_block_cache(case.pipe.transformer_2)
+    case.pipe.transformer_2.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    try:
         with pytest.raises(ValueError, match=r"^transformer_2 \(WanTransformer3DModel\) also runs"):
             apply_step_cache(case.pipe)
     finally:
         case.pipe.transformer_2.disable_cache()
     assert case.pipe.transformer_2.__dict__["forward"] is case.spies["transformer_2"]
     assert torch.equal(case.generate(), reference)
+
+
+def _remove_first_block_cache(transformer: torch.nn.Module) -> None:
+    """Undo ``apply_first_block_cache`` (what ``disable_cache`` does for a cache that ``enable_cache`` set)."""
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.remove_hook(_FBC_LEADER_BLOCK_HOOK, recurse=True)
+    registry.remove_hook(_FBC_BLOCK_HOOK, recurse=True)
+
+
+@pytest.mark.parametrize("case", ["wan"], indirect=True)
+def test_diffusers_cache_api_sees_step_cache(hooked: Case) -> None:
+    """transformer.is_cache_enabled / enable_cache / disable_cache know StepCache on a CacheMixin."""
+    transformer = hooked.pipe.transformer
+    assert enable_step_cache is apply_step_cache and disable_step_cache is remove_step_cache
+    assert not is_step_cache_enabled(hooked.pipe) and not transformer.is_cache_enabled
+    enable_step_cache(hooked.pipe, SKIP_WHENEVER_ALLOWED)
+    assert is_step_cache_enabled(hooked.pipe) and is_step_cache_enabled(transformer)
+    assert transformer.is_cache_enabled
+    cached = hooked.generate()
+    for config in (FirstBlockCacheConfig(threshold=0.5),
+                   MagCacheConfig(mag_ratios=[1.0] * STEPS, num_inference_steps=STEPS)):
+        with pytest.raises(ValueError, match=r"already been enabled.*disable the existing one first"):
+            transformer.enable_cache(config)
+    assert torch.equal(hooked.generate(), cached)  # the refusals changed nothing
+    transformer.disable_cache()  # diffusers' own call removes StepCache, scheduler watch included
+    assert not is_step_cache_enabled(hooked.pipe) and not transformer.is_cache_enabled
+    assert "_cache_config" not in transformer.__dict__ and "disable_cache" not in transformer.__dict__
+    assert "step" not in hooked.pipe.scheduler.__dict__ and "set_timesteps" not in hooked.pipe.scheduler.__dict__
+    assert torch.equal(hooked.generate(), hooked.reference)
+    # A diffusers cache then goes on as usual, and off again.
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    transformer.disable_cache()
+    assert not transformer.is_cache_enabled
+    with pytest.raises(ValueError, match="not applied"):
+        disable_step_cache(hooked.pipe)
+
+
+def test_sd3_without_cache_mixin_gets_no_diffusers_cache_api() -> None:
+    """A transformer without CacheMixin has no enable_cache to make aware: nothing is added to it."""
+    case = _sd3_case()
+    transformer = case.pipe.transformer
+    assert not isinstance(transformer, CacheMixin)
+    enable_step_cache(case.pipe, SKIP_WHENEVER_ALLOWED)
+    assert is_step_cache_enabled(case.pipe)
+    assert "_cache_config" not in transformer.__dict__ and "disable_cache" not in transformer.__dict__
+    disable_step_cache(case.pipe)
+    assert not is_step_cache_enabled(case.pipe)

@@ -10,7 +10,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats, remove_step_cache
+from stepcache.integrations.diffusers import (
+    apply_step_cache,
+    get_step_cache_stats,
+    is_step_cache_enabled,
+    remove_step_cache,
+)
 from tests.integrations.tiny_pipelines import TinyPipeline, sd3, wan_t2v
 
 SKIP_WHENEVER_ALLOWED = {"velocity_sim_thresholds": [-0.99], "velocity_skip_countdowns": [4]}
@@ -181,3 +186,7 @@ def test_options_that_need_the_scheduler_are_refused_on_a_bare_transformer():
     tiny = wan_t2v(two_experts=False)
     with pytest.raises(ValueError, match="need the pipeline's scheduler"):
         apply_step_cache(tiny.pipe.transformer, {"step_cache_dit_final_steps": 1})
+    for preset in ("fast", "balanced", "quality"):  # the planned policy needs the generation's timesteps
+        with pytest.raises(ValueError, match=r"step_cache_dit_policy 'planned'.*need the pipeline's scheduler"):
+            apply_step_cache(tiny.pipe.transformer, preset)
+    assert not is_step_cache_enabled(tiny.pipe)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Iterator
 
@@ -68,3 +69,49 @@ def test_bad_episode_count_is_a_usage_error(tmp_path, capsys):
         _parse(["--episodes", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--episodes" in capsys.readouterr().err
+
+
+def test_each_run_has_its_bench_family_colour():
+    from stepcache import DREAMZERO_STATIC_RUN_STEPS, DiffusionCacheConfig, as_diffusion_cache_config
+    from stepcache.tools.benchmark.report import FAMILY_COLOURS
+
+    def cached_colour(config):
+        return demo.run_colours(as_diffusion_cache_config(config))["step_cache"]
+
+    assert demo.run_colours(DiffusionCacheConfig())["none"] == FAMILY_COLOURS["full"]
+    assert cached_colour({}) == FAMILY_COLOURS["step_cache"]
+    assert cached_colour("balanced") == FAMILY_COLOURS["planned"]
+    assert cached_colour({"step_cache_dit_static_steps": list(DREAMZERO_STATIC_RUN_STEPS)}) == FAMILY_COLOURS[
+        "static_mask"]
+    assert cached_colour({"step_cache_dit_static_steps": [0, 3, 9]}) == FAMILY_COLOURS["calibrated"]
+    assert cached_colour({"step_cache_dit_policy": "error_budget"}) == FAMILY_COLOURS["error_budget"]
+
+
+def test_threshold_lines_are_the_configs_own_and_labelled_with_user_names():
+    from stepcache import DiffusionCacheConfig
+
+    lines = demo.threshold_lines(DiffusionCacheConfig(velocity_sim_thresholds=[0.97], velocity_skip_countdowns=[3]))
+    assert lines == [(0.97, "velocity_sim_thresholds[0] = 0.97: above it, skip 3 steps")]
+    assert [t for t, _ in demo.threshold_lines(DiffusionCacheConfig())] == [0.95, 0.93]
+    assert demo.threshold_lines(DiffusionCacheConfig.preset("balanced")) == []  # a planned policy has none
+
+
+def test_the_similarity_plotted_is_the_one_the_rule_read(tmp_path):
+    """Omni's per-step velocity_similarity is the trace's similarity wherever the rule computed one."""
+    from stepcache.models.dreamzero import ReachingWorld
+    from stepcache.omni import Omni
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    world = ReachingWorld()
+    frame, state = world.reset(seed=0)
+    for config in ({"velocity_sim_thresholds": [-0.99], "velocity_skip_countdowns": [4]},
+                   {"velocity_sim_thresholds": [1.0], "velocity_skip_countdowns": [1]}):
+        with contextlib.closing(Omni(model_dir, cache_backend="step_cache", cache_config=config)) as omni:
+            omni.start_episode(seed=0)
+            stats = omni.generate(frame, world.instruction, state).stats
+        read = [r["similarity"] for r in stats.trace]
+        assert sum(s is not None for s in read) >= 3
+        for step, (by_rule, plotted) in enumerate(zip(read, stats.velocity_similarity)):
+            assert plotted is not None or step < 2
+            if by_rule is not None:
+                assert plotted == pytest.approx(by_rule, abs=1e-12)

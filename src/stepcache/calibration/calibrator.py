@@ -118,7 +118,7 @@ def calibrate(
             is given installed and returns the output (a tensor, or a tuple, list or dict of them):
             ``generate(config)``, or ``generate(config, input)`` when ``inputs`` is given. ``config`` is
             a :class:`~stepcache.DiffusionCacheConfig`; install it as the code does it:
-            ``apply_step_cache(pipe, config)``, ``enable_dreamzero_stepcache(pipe, config)``,
+            ``enable_step_cache(pipe, config)``, ``enable_dreamzero_stepcache(pipe, config)``,
             ``Omni(cache_config=config)``, ``VelocityCache(StepCacheConfig.from_diffusion_cache_config(config))``.
             Every generation of one input must start from the same noise: seed it inside, or pass a
             ``torch.Generator`` in the input (rewound before every run).
@@ -152,7 +152,7 @@ def calibrate(
         result = stepcache.calibrate(pipe, [dict(prompt="a cat", generator=torch.Generator().manual_seed(1))],
                                      target_forwards=6)
         result.save("cal.json")
-        apply_step_cache(pipe, "cal.json")
+        enable_step_cache(pipe, "cal.json")
     """
     goals = _goals(target_forwards, min_psnr)
     if not isinstance(verifications, int) or isinstance(verifications, bool) or verifications < 1:
@@ -236,7 +236,7 @@ def calibrate(
 
 
 _NOTHING_RECORDED = (
-    "the generation ran no StepCache generation with the config it was given: install it (apply_step_cache(pipe, "
+    "the generation ran no StepCache generation with the config it was given: install it (enable_step_cache(pipe, "
     "config), enable_dreamzero_stepcache(pipe, config), Omni(cache_config=config), or "
     "VelocityCache(StepCacheConfig.from_diffusion_cache_config(config)) in a hand-written loop) and run the "
     "generation in the calling thread"
@@ -367,7 +367,7 @@ def _static_proposals(static: dict[SkipModel, dict[int, tuple[tuple[int, ...], f
 
 
 def _variant(reuse: str, solver_aware: bool) -> str:
-    return ("solver_aware " if solver_aware else "") + reuse
+    return ("solver-aware " if solver_aware else "") + ("extrapolating" if reuse == "extrapolate" else "reusing")
 
 
 def _budget_proposals(
@@ -385,8 +385,9 @@ def _budget_proposals(
         config, schedules = fitted
         errors = {model.reuse: schedule_error(trajectories, schedules, model) for model in models}
         fits.append({
-            "target_forwards": target, "policy": ERROR_BUDGET_POLICY, "error_budget": config.error_budget,
-            "final_steps": final_steps, "simulated_forwards": mean_forwards(schedules),
+            "target_forwards": target, "step_cache_dit_policy": ERROR_BUDGET_POLICY,
+            "velocity_error_budget": config.error_budget, "step_cache_dit_final_steps": final_steps,
+            "simulated_forwards": mean_forwards(schedules),
             "predicted_error": errors,
         })
         for reuse, error in errors.items():

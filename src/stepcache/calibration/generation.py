@@ -5,7 +5,7 @@ Two sources, one interface (:class:`GenerationSource`):
 - a **generation function** ``generate(config)`` (or ``generate(config, input)`` with inputs) that
   runs one full generation with ``config`` installed however the caller's code does it
   (``VelocityCache`` in a hand-written loop, ``enable_dreamzero_stepcache`` / ``Omni`` /
-  ``DreamZeroPipeline``, ``apply_step_cache``...) and returns the output tensor(s);
+  ``DreamZeroPipeline``, ``enable_step_cache``...) and returns the output tensor(s);
 - a **diffusers pipeline** and its call kwargs: StepCache is applied with the config, the pipeline
   is called, StepCache is removed.
 
@@ -94,21 +94,21 @@ class DiffusersSource(GenerationSource):
             pass  # not applied: what calibration needs
         else:
             raise ValueError(
-                "StepCache is already applied to this pipeline; call remove_step_cache(pipe) before calibrating "
+                "StepCache is already applied to this pipeline; call disable_step_cache(pipe) before calibrating "
                 "(calibration applies each config it measures itself)"
             )
         self.pipe = pipe
         self._rewind = [_GeneratorRewind(kwargs) for kwargs in self.inputs]
 
     def run(self, config: DiffusionCacheConfig, index: int) -> Any:
-        from stepcache.integrations.diffusers import apply_step_cache, remove_step_cache
+        from stepcache.integrations.diffusers import disable_step_cache, enable_step_cache
 
         self._rewind[index]()
-        apply_step_cache(self.pipe, config)
+        enable_step_cache(self.pipe, config)
         try:
             return self.pipe(**self.inputs[index])
         finally:
-            remove_step_cache(self.pipe)
+            disable_step_cache(self.pipe)
 
     def guidance_scale(self) -> float | None:
         scale = getattr(self.pipe, "_guidance_scale", None)  # set by the pipeline's last call

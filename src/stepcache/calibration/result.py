@@ -14,7 +14,7 @@ The file layout (``format: "stepcache-calibration"``)::
      "num_steps": 16, "timesteps": [...], "fidelity": "...", "fits": [...], "timings_s": {...},
      "metadata": {...}}
 
-``DiffusionCacheConfig.from_file`` reads the ``"config"`` key, so ``apply_step_cache(pipe, "cal.json")``,
+``DiffusionCacheConfig.from_file`` reads the ``"config"`` key, so ``enable_step_cache(pipe, "cal.json")``,
 ``Omni(cache_config="cal.json")``, ``get_cache_backend("step_cache", "cal.json")`` and
 ``stepcache demo --cache-config cal.json`` all take the file as it is. Fidelities are in dB; an exact
 output (infinite PSNR) is written as the string ``"inf"``.
@@ -41,7 +41,7 @@ class Candidate:
     """One config the calibration considered.
 
     Attributes:
-        label: what it is, e.g. ``"static 0,9,12,13,14,15 solver_aware extrapolate"``.
+        label: what it is, e.g. ``"static 0,9,12,13,14,15 solver-aware extrapolating"``.
         target_forwards: the forward budget it was built for.
         config: the config itself.
         predicted_error: the offline estimate (relative displacement of the final sample, see

@@ -2,11 +2,20 @@
 
 Usage (see docs/diffusers.md)::
 
-    from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats
+    from stepcache.integrations.diffusers import disable_step_cache, enable_step_cache, get_step_cache_stats
 
-    apply_step_cache(pipe)                      # or apply_step_cache(pipe, config)
+    enable_step_cache(pipe)                     # or enable_step_cache(pipe, config)
     video = pipe(prompt, num_inference_steps=16).frames[0]
     print(get_step_cache_stats(pipe).summary())  # stepcache: 4/16 steps computed, 12 skipped [RR....R....R....] ...
+    disable_step_cache(pipe)                    # the pipeline's own behaviour, exactly
+
+The names follow diffusers' ``enable_cache`` / ``disable_cache`` / ``is_cache_enabled``:
+:func:`enable_step_cache`, :func:`disable_step_cache`, :func:`is_step_cache_enabled`,
+:func:`get_step_cache_stats` and :func:`reset_step_cache`. ``apply_step_cache`` and
+``remove_step_cache`` (diffusers' ``apply_*`` hook-function style) are the same functions. On a
+transformer that has diffusers' ``CacheMixin``, StepCache also shows through diffusers' own API:
+``transformer.is_cache_enabled`` is True, ``transformer.enable_cache(...)`` refuses another cache with
+diffusers' own "already enabled" error, and ``transformer.disable_cache()`` removes StepCache.
 
 A diffusers ``ModelHook`` replaces the transformer's ``forward``. The pipeline is unchanged: it still
 calls the transformer once or twice per scheduler step and still steps its scheduler; on a skipped
@@ -61,7 +70,7 @@ solver's memory.
 
 Caches that diffusers applies itself (``enable_cache`` or its ``apply_*`` functions) are refused:
 several of them count calls as steps, which step skipping would silently corrupt. accelerate's model
-CPU offload must be enabled after :func:`apply_step_cache` (enforced; see ``_refuse_accelerate_hook``).
+CPU offload must be enabled after :func:`enable_step_cache` (enforced; see ``_refuse_accelerate_hook``).
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import json
 import logging
 import os
 import re
@@ -96,6 +106,11 @@ try:  # Private: how `cache_context(name)` reaches stateful hooks. Optional, see
     from diffusers.hooks.hooks import BaseState, StateManager
 except ImportError:  # pragma: no cover - depends on the diffusers version
     BaseState = StateManager = None
+
+try:  # diffusers' enable_cache / disable_cache / is_cache_enabled, which StepCache makes itself known to
+    from diffusers.models.cache_utils import CacheMixin
+except ImportError:  # pragma: no cover - depends on the diffusers version
+    CacheMixin = None
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +346,7 @@ class StepCacheHookState:
         self._pending: dict[int, tuple[_SchedulerGuard, int, int, list[float] | None]] = {}
         self._latest: _Generation | None = None
         self.generations_started = 0
+        self.guards: weakref.WeakSet[_SchedulerGuard] = weakref.WeakSet()  # schedulers watched for these hooks
 
     def announce_generation(self, guard: _SchedulerGuard, epoch: int, schedule: list[float]) -> None:
         """The calling thread's scheduler was set up: its next call starts a generation of these steps
@@ -369,7 +385,7 @@ class StepCacheHookState:
                 "was running; one diffusers pipeline cannot run two generations at once. Give each thread its "
                 "own pipeline (they can share the transformer and StepCache: "
                 "`type(pipe)(**{**pipe.components, 'scheduler': type(pipe.scheduler).from_config("
-                "pipe.scheduler.config)})`, then apply_step_cache() to it)"
+                "pipe.scheduler.config)})`, then enable_step_cache() on it)"
             )
         if generation is None:
             return self._start(thread, None, 0, None, None), _NEW_STEP, _branch_key(context_name, 0)
@@ -596,7 +612,7 @@ class StepCacheHook(ModelHook):
         return None
 
     def __repr__(self) -> str:
-        return f"StepCacheHook({self.denoiser}, config={self.state.config})"
+        return f"StepCacheHook({self.denoiser}, config={_config_text(self.state.config)})"
 
 
 if StateManager is not None and hasattr(StateManager, "set_context"):
@@ -632,9 +648,9 @@ else:  # pragma: no cover - a diffusers without cache contexts: branches are tol
     _ContextNameProbe = None
 
 
-def apply_step_cache(
+def enable_step_cache(
     pipe_or_transformer: Any,
-    config: StepCacheConfig | DiffusionCacheConfig | Mapping[str, Any] | str | None = None,
+    config: StepCacheConfig | DiffusionCacheConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     timestep_arg: str | None = None,
     process_group: Any = None,
@@ -642,6 +658,8 @@ def apply_step_cache(
     batch_part: tuple[int, int] | None = None,
 ) -> None:
     """Make a diffusers pipeline skip whole transformer forwards while its velocities stay aligned.
+
+    ``apply_step_cache`` is the same function.
 
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, if present, ``transformer_2`` are
@@ -658,7 +676,7 @@ def apply_step_cache(
             ``batch_part``): the decision signals are reduced across it, so every rank takes the
             decisions one process would take on the whole output (docs/distributed.md). Not needed
             where every rank gets the whole output (diffusers' context parallelism and xDiT gather it).
-            Every rank applies StepCache with the same arguments and runs one generation at a time
+            Every rank enables StepCache with the same arguments and runs one generation at a time
             (from one thread: the collectives of concurrent generations would interleave).
         check_consistency: with a group, check each decision across ranks (tests, debugging).
         batch_part: with a group whose ranks call different CFG branches, ``(index, count)``: this
@@ -666,19 +684,21 @@ def apply_step_cache(
             (e.g. ``(0, 2)`` on the rank that runs "cond", ``(1, 2)`` on the one that runs "uncond");
             see :class:`~stepcache.StepCacheState`.
 
-    Applying the same config again is a no-op (a second pipeline that shares the transformer gets its
-    scheduler watched); another config on a hooked transformer is refused: remove it first.
+    Enabling it again with the same config and options is a no-op (a second pipeline that shares the
+    transformer gets its scheduler watched). Another config is refused, as diffusers refuses a second
+    ``enable_cache``: call :func:`disable_step_cache` first, then enable it with the new config.
 
     Raises:
-        ValueError: not a pipeline or module; StepCache already applied with another config; a
-            diffusers cache (``enable_cache``) already active; CPU offload already enabled (apply
+        ValueError: not a pipeline or module; StepCache already enabled with another config; a
+            diffusers cache (``enable_cache``) already active; CPU offload already enabled (enable
             StepCache first); a denoiser whose ``forward`` takes no such timestep argument; options
-            that need the pipeline's scheduler (``final_steps``, ``solver_aware``) on a bare module;
-            a scheduler that solver-aware skipping cannot drive; a bad config (the error names the field).
+            that need the pipeline's scheduler (``step_cache_dit_final_steps``,
+            ``step_cache_dit_solver_aware``, the ``planned`` policy) on a bare module; a scheduler that
+            solver-aware skipping cannot drive; a bad config (the error names the field).
 
     Example::
 
-        apply_step_cache(pipe, {"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]})
+        enable_step_cache(pipe, {"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]})
     """
     _warn_if_untested_diffusers()
     step_config = _as_step_cache_config(config)
@@ -687,11 +707,13 @@ def apply_step_cache(
         pipe_or_transformer, "scheduler", None
     )
     needs_scheduler = [name for name, on in (("step_cache_dit_final_steps", step_config.final_steps),
-                                             ("step_cache_dit_solver_aware", step_config.solver_aware)) if on]
+                                             ("step_cache_dit_solver_aware", step_config.solver_aware),
+                                             ("step_cache_dit_policy 'planned'", step_config.policy == "planned"))
+                       if on]
     if needs_scheduler and scheduler is None:
         raise ValueError(
-            f"{needs_scheduler} need the pipeline's scheduler (for the step count, or to drive its solver): "
-            "apply StepCache to the pipeline, not to the bare transformer"
+            f"{needs_scheduler} need the pipeline's scheduler (for the step count and timesteps, or to drive its "
+            "solver): enable StepCache on the pipeline, not on the bare transformer"
         )
     if step_config.solver_aware:
         check_solver_aware_support(scheduler)
@@ -707,64 +729,67 @@ def apply_step_cache(
         if hooked.state.config != step_config or hooked_ranks != ranks or any(hook is None for hook in existing):
             names = ", ".join(name for (name, _), hook in zip(denoisers, existing) if hook is not None)
             raise ValueError(
-                f"StepCache is already applied to {names} with another config ({hooked.state.config}) or other "
-                "process_group / check_consistency / batch_part; call remove_step_cache() first to apply it with these"
+                f"StepCache is already enabled on {names} with another config ({_config_text(hooked.state.config)}) "
+                "or other process_group / check_consistency / batch_part; call disable_step_cache() first, then "
+                "enable_step_cache() with the new settings"
             )
-        _watch_scheduler(scheduler, [module for _, module in denoisers])
+        _watch_scheduler(scheduler, [module for _, module in denoisers], hooked.state)
         return
     positions = []
     for name, module in denoisers:  # check every denoiser before hooking any
         _refuse_other_caches(module, name)
-        _refuse_accelerate_hook(module, name, "apply_step_cache() before enabling it")
+        _refuse_accelerate_hook(module, name, "enable_step_cache() before enabling it")
         positions.append(_timestep_position(module, name, timestep_arg))
     state = StepCacheHookState(step_config, process_group, check_consistency, batch_part)
     for (name, module), (arg, position) in zip(denoisers, positions):
         hook = StepCacheHook(state, name, arg, position)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _STEP_CACHE_HOOK)
         if hook.fn_ref is None or hook.fn_ref.original_forward is None:  # the hook API changed under us
-            remove_step_cache(pipe_or_transformer)
+            disable_step_cache(pipe_or_transformer)
             raise RuntimeError(
                 f"diffusers {diffusers.__version__} did not give the StepCache hook the original forward of "
                 f"{name}; supported versions: diffusers{SUPPORTED_DIFFUSERS_VERSIONS}"
             )
-        logger.debug("StepCache applied to %s (%s): %s", name, type(module).__name__, step_config)
-    _watch_scheduler(scheduler, [module for _, module in denoisers])
+        _show_in_diffusers_cache_api(module, step_config)
+        logger.debug("StepCache enabled on %s (%s): %s", name, type(module).__name__, _config_text(step_config))
+    _watch_scheduler(scheduler, [module for _, module in denoisers], state)
 
 
-def remove_step_cache(pipe_or_transformer: Any) -> None:
-    """Remove the StepCache hook(s) and restore the transformer's own ``forward`` (and the scheduler's
-    own methods, for a pipeline).
+def disable_step_cache(pipe_or_transformer: Any) -> None:
+    """Remove StepCache: the transformer's own ``forward`` comes back (and the scheduler's own methods,
+    once no watched denoiser carries StepCache). ``remove_step_cache`` is the same function, and on a
+    ``CacheMixin`` transformer so is ``transformer.disable_cache()``.
 
     Raises:
         ValueError: StepCache is not applied to it; CPU offload is enabled on top of it (call
             ``pipe.remove_all_hooks()`` first).
     """
     denoisers = _denoisers(pipe_or_transformer)
-    removed = False
-    for name, module in denoisers:
-        if _step_cache_hook(module) is None:
-            continue
-        _refuse_accelerate_hook(module, name, "pipe.remove_all_hooks() first, then enable it again")
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.remove_hook(_STEP_CACHE_HOOK, recurse=False)
-        _restore_class_forward(module, registry)
-        removed = True
-        logger.debug("StepCache removed from %s (%s)", name, type(module).__name__)
-    if not removed:
+    hooked = [(name, module) for name, module in denoisers if _step_cache_hook(module) is not None]
+    if not hooked:
         names = ", ".join(name for name, _ in denoisers)
         raise ValueError(f"StepCache is not applied to {names}; nothing to remove")
-    scheduler = None if isinstance(pipe_or_transformer, torch.nn.Module) else getattr(
-        pipe_or_transformer, "scheduler", None
-    )
-    guard = getattr(scheduler, _GUARD_ATTR, None)
-    if isinstance(guard, _SchedulerGuard):
-        guard.uninstall()
+    for name, module in hooked:  # check every denoiser before unhooking any
+        _refuse_accelerate_hook(module, name, "pipe.remove_all_hooks() first, then enable it again")
+    for name, module in hooked:
+        _remove_hook(module, name)
+
+
+def is_step_cache_enabled(pipe_or_transformer: Any) -> bool:
+    """True when StepCache is enabled on the pipeline's transformer (or ``transformer_2``), or on the
+    module passed. On a ``CacheMixin`` transformer, diffusers' ``transformer.is_cache_enabled`` is True
+    as well (it is for any cache).
+
+    Raises:
+        ValueError: neither a pipeline with a ``transformer`` nor a module.
+    """
+    return any(_step_cache_hook(module) is not None for _, module in _denoisers(pipe_or_transformer))
 
 
 def get_step_cache_stats(pipe_or_transformer: Any) -> StepCacheStats:
     """Stats of the calling thread's last generation (or of the one in progress; from another thread,
     the latest generation of any thread): steps computed and skipped, the schedule, the per-step
-    similarity trace, forwards run and outputs reused.
+    similarity trace, forwards run and outputs reused. ``.summary()`` is all of it in one line.
 
     Raises:
         ValueError: StepCache is not applied to it.
@@ -776,22 +801,91 @@ def reset_step_cache(pipe_or_transformer: Any) -> None:
     """Make the next transformer call of every thread start a new generation.
 
     Only needed on a bare transformer where the timestep rule cannot see the boundary: e.g. back-to-back
-    one-step generations through a transformer that is not a ``CacheMixin``. Applied to a pipeline,
+    one-step generations through a transformer that is not a ``CacheMixin``. Enabled on a pipeline,
     StepCache sees each generation start by itself.
     """
     _hook_state(pipe_or_transformer).end_all()
 
 
+# The names of the first release, in diffusers' hook-function style: the same functions.
+apply_step_cache = enable_step_cache
+remove_step_cache = disable_step_cache
+
+__all__ = [
+    "SUPPORTED_DIFFUSERS_VERSIONS",
+    "StepCacheStats",
+    "apply_step_cache",
+    "disable_step_cache",
+    "enable_step_cache",
+    "get_step_cache_stats",
+    "is_step_cache_enabled",
+    "remove_step_cache",
+    "reset_step_cache",
+]
+
+
 # --- private helpers ---------------------------------------------------------------------------
 
 
-def _watch_scheduler(scheduler: Any, denoisers: list[torch.nn.Module]) -> None:
+def _watch_scheduler(scheduler: Any, denoisers: list[torch.nn.Module], state: StepCacheHookState) -> None:
     if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
         return
     guard = getattr(scheduler, _GUARD_ATTR, None)
     if isinstance(guard, _SchedulerGuard):
         guard.uninstall()
-    _SchedulerGuard(scheduler, denoisers)
+    state.guards.add(_SchedulerGuard(scheduler, denoisers))
+
+
+def _remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Unhook one denoiser; then put back the own methods of every scheduler that watched only
+    denoisers without StepCache."""
+    state = _step_cache_hook(module).state
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.remove_hook(_STEP_CACHE_HOOK, recurse=False)
+    _restore_class_forward(module, registry)
+    _hide_from_diffusers_cache_api(module)
+    for guard in list(state.guards):
+        if guard.hook_state() is None:
+            guard.uninstall()
+            state.guards.discard(guard)
+    logger.debug("StepCache removed from %s (%s)", name, type(module).__name__)
+
+
+def _show_in_diffusers_cache_api(module: torch.nn.Module, config: StepCacheConfig) -> None:
+    """On a ``CacheMixin`` transformer, make diffusers' cache API see StepCache: ``is_cache_enabled``
+    reads ``_cache_config`` (so ``enable_cache`` refuses another cache with diffusers' own message), and
+    ``disable_cache`` (an instance attribute over the class's, which knows only diffusers' caches)
+    removes StepCache."""
+    if CacheMixin is None or not isinstance(module, CacheMixin):
+        return
+    module._cache_config = config
+    module_ref = weakref.ref(module)
+
+    def disable_cache() -> None:
+        """Remove StepCache from this transformer (``disable_step_cache(transformer)``)."""
+        target = module_ref()
+        if target is not None and _step_cache_hook(target) is not None:
+            disable_step_cache(target)
+
+    disable_cache.removes_step_cache = True  # what _hide_from_diffusers_cache_api looks for
+    module.disable_cache = disable_cache
+
+
+def _hide_from_diffusers_cache_api(module: torch.nn.Module) -> None:
+    """Undo :func:`_show_in_diffusers_cache_api`: the class's ``_cache_config`` and ``disable_cache`` again."""
+    if isinstance(module.__dict__.get("_cache_config"), StepCacheConfig):
+        del module.__dict__["_cache_config"]
+    if getattr(module.__dict__.get("disable_cache"), "removes_step_cache", False):
+        del module.__dict__["disable_cache"]
+
+
+def _config_text(config: StepCacheConfig) -> str:
+    """The config as users write it: JSON of the ``DiffusionCacheConfig`` fields that differ from the
+    defaults."""
+    user = config.to_diffusion_cache_config().to_dict()
+    defaults = DiffusionCacheConfig().to_dict()
+    changed = {key: value for key, value in user.items() if value != defaults[key]}
+    return json.dumps(changed) if changed else "{} (the defaults)"
 
 
 def _signed_like(original: Any, implementation: Any) -> Any:
@@ -891,7 +985,7 @@ def _denoisers(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
         raise ValueError(
             f"expected a diffusers pipeline with a `transformer` (or `transformer_2`) component, or the "
             f"denoiser module itself; got {type(pipe_or_transformer).__name__}. For a pipeline whose denoiser "
-            "is stored under another name, pass the module (e.g. apply_step_cache(pipe.unet))."
+            "is stored under another name, pass the module (e.g. enable_step_cache(pipe.unet))."
         )
     return found
 
@@ -909,7 +1003,7 @@ def _hook_state(pipe_or_transformer: Any) -> StepCacheHookState:
         if hook is not None:
             return hook.state
     names = ", ".join(name for name, _ in denoisers)
-    raise ValueError(f"StepCache is not applied to {names}; call apply_step_cache() first")
+    raise ValueError(f"StepCache is not applied to {names}; call enable_step_cache() first")
 
 
 def _timestep_position(module: torch.nn.Module, name: str, timestep_arg: str | None) -> tuple[str, int | None]:
@@ -936,7 +1030,8 @@ def _timestep_position(module: torch.nn.Module, name: str, timestep_arg: str | N
             wanted += " (nor " + " or ".join(f"`{arg}`" for arg in candidates[1:]) + ")"
         raise ValueError(
             f"{name} ({type(module).__name__}) has no {wanted} in its forward (arguments: {names}); "
-            "StepCache reads the timestep to find scheduler steps: name it with apply_step_cache(..., timestep_arg=...)"
+            "StepCache reads the timestep to find scheduler steps: name it with "
+            "enable_step_cache(..., timestep_arg=...)"
         )
     position = names.index(found)
     kind = parameters[position].kind
@@ -947,7 +1042,7 @@ def _timestep_position(module: torch.nn.Module, name: str, timestep_arg: str | N
 def _other_cache(module: torch.nn.Module) -> str | None:
     """A diffusers cache active on the module or its blocks (every diffusers cache has a stateful hook)."""
     cache_config = getattr(module, "_cache_config", None)
-    if cache_config is not None:
+    if cache_config is not None and not isinstance(cache_config, StepCacheConfig):  # StepCacheConfig: ours
         return f"{type(cache_config).__name__} (enable_cache)"
     for submodule in module.modules():
         registry = getattr(submodule, "_diffusers_hook", None)
@@ -965,11 +1060,11 @@ def _refuse_other_caches(module: torch.nn.Module, name: str | None = None) -> No
     if other is None:
         return
     where = f"{name} ({type(module).__name__})" if name else type(module).__name__
-    advice = "disable_cache()" if "enable_cache" in other else "remove that cache's hooks"
+    advice = "call disable_cache()" if "enable_cache" in other else "remove that cache's hooks"
     message = (
         f"{where} also runs diffusers' {other}. StepCache cannot share a transformer with another "
         f"diffusers cache (several count calls as denoising steps, which skipped steps would corrupt); "
-        f"call {advice} or remove_step_cache() first"
+        f"{advice} or call disable_step_cache() first"
     )
     raise (ValueError if name else RuntimeError)(message)
 

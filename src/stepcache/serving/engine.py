@@ -159,6 +159,12 @@ class BatchingEngine:
     """
 
     def __init__(self, pipeline: DreamZeroPipeline, config: EngineConfig | dict[str, Any] | None = None) -> None:
+        if getattr(pipeline, "dit", None) is not None:
+            # Admission by timing differs between ranks, which would desynchronise their collectives.
+            raise ValueError(
+                "the batching engine cannot run a distributed pipeline (its admission of requests would differ "
+                "between ranks); use Omni(..., parallel=...), which runs chunks in lockstep"
+            )
         self.pipeline = pipeline
         self.config = EngineConfig.coerce(config)
         self._cond = threading.Condition()

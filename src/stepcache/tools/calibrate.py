@@ -15,7 +15,7 @@ the bundled defaults were not tuned for.
 It writes the calibration result (the chosen config under ``"config"``, every verified candidate, the
 generations spent, the inputs used, the held-out report and the run's versions) to
 ``--out``/stepcache-MODEL-calibrated.json, a file every entry point takes as a config
-(``--cache-config``, ``apply_step_cache``, ``Omni``, ``get_cache_backend``).
+(``--cache-config``, ``enable_step_cache``, ``Omni``, ``get_cache_backend``).
 """
 
 from __future__ import annotations

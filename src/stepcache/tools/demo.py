@@ -8,8 +8,9 @@ error and predicted-video PSNR are measured against the uncached outputs on iden
 
 Prints a table (success rate, DiT forwards per chunk, median latency per chunk, wall-clock speedup,
 action MSE and video PSNR vs the uncached run), and writes into ``--out``: ``episode.png`` (one
-episode's observations, predicted frames and trajectories) and ``similarity.png`` (per-step velocity
-similarity with the skip decisions). ``--json`` writes the figures as JSON.
+episode's observations, predicted frames and trajectories) and ``similarity.png`` (the similarity the
+rule reads at each step, with the config's thresholds and the skip decisions). ``--json`` writes the
+figures as JSON. Each run has the colour of its method family in ``stepcache bench``'s figures.
 """
 
 from __future__ import annotations
@@ -170,6 +171,44 @@ def fidelity(reference: list[EpisodeRecord], replayed: list[EpisodeRecord], acti
     }
 
 
+def run_colours(cache_config: Any) -> dict[str, str]:
+    """Each run's colour: the bench's colour of its method family (``full`` for the uncached run; the
+    cached run's by its config: the seed's rule, a planned budget, an error budget, DreamZero's mask,
+    or another fixed schedule, which is what calibration writes)."""
+    from stepcache.config import DREAMZERO_STATIC_RUN_STEPS, StepCacheConfig
+    from stepcache.tools.benchmark.report import (
+        CALIBRATED,
+        ERROR_BUDGET,
+        FULL,
+        PLANNED,
+        STATIC_MASK,
+        STEP_CACHE,
+        family_colour,
+    )
+
+    config = StepCacheConfig.from_diffusion_cache_config(cache_config)
+    if config.static_run_steps is not None:
+        family = STATIC_MASK if config.static_run_steps == DREAMZERO_STATIC_RUN_STEPS else CALIBRATED
+    else:
+        family = {"planned": PLANNED, "error_budget": ERROR_BUDGET}.get(config.policy, STEP_CACHE)
+    return {"none": family_colour(FULL), "step_cache": family_colour(family)}
+
+
+def threshold_lines(cache_config: Any) -> list[tuple[float, str]]:
+    """``(threshold, label)`` for each threshold the config's rule compares the similarity with (none for
+    a fixed schedule or another policy)."""
+    from stepcache.config import StepCacheConfig
+
+    config = StepCacheConfig.from_diffusion_cache_config(cache_config)
+    if not config.enabled or config.static_run_steps is not None or config.policy != "similarity":
+        return []
+    return [
+        (threshold, f"velocity_sim_thresholds[{i}] = {threshold:g}: above it, skip {countdown} "
+                    f"step{'' if countdown == 1 else 's'}")
+        for i, (threshold, countdown) in enumerate(zip(config.sim_thresholds, config.skip_countdowns))
+    ]
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     header = ("run", "success", "DiT fwd/chunk", "median latency/chunk", "speedup", "action MSE vs none",
               "video PSNR vs none")
@@ -180,7 +219,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             name,
             f"{100 * r['success_rate']:.0f}%",
             f"{r['dit_forwards_per_chunk']:.2f} / {r['num_inference_steps']}",
-            f"{1000 * r['latency_per_chunk_s']:.1f} ms",
+            f"{format_number(1000 * r['latency_per_chunk_s'], 3)} ms",
             f"{r.get('speedup', 1.0):.2f}x",
             "-" if name == "none" else format_number(r["action_mse_vs_none"]),
             "-" if name == "none" else f"{format_number(r['video_psnr_vs_none'], 3)} dB",
@@ -191,7 +230,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success_radius: float) -> None:
+def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success_radius: float,
+                 colours: dict[str, str]) -> None:
     """Observations and predicted frames per chunk (both runs), and both trajectories."""
     import matplotlib
 
@@ -207,15 +247,15 @@ def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success
         for c in range(record.chunks):
             ax = fig.add_subplot(grid[2 * row, 2 * c : 2 * c + 2])
             ax.imshow(record.observations[c], cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{name}: obs chunk {c}", fontsize=7)
+            ax.set_title(f"{name}: observed, chunk {c}", fontsize=7, color=colours[name])
             ax.axis("off")
             ax = fig.add_subplot(grid[2 * row + 1, 2 * c])
             ax.imshow(record.frames[c][0], cmap="gray", vmin=0, vmax=1)
-            ax.set_title("pred +4", fontsize=6)
+            ax.set_title("predicted +4", fontsize=6)
             ax.axis("off")
             ax = fig.add_subplot(grid[2 * row + 1, 2 * c + 1])
             ax.imshow(record.frames[c][-1], cmap="gray", vmin=0, vmax=1)
-            ax.set_title("pred +8", fontsize=6)
+            ax.set_title("predicted +8", fontsize=6)
             ax.axis("off")
     ax = fig.add_subplot(grid[:, columns * 2 :])
     for index, (x, y) in enumerate(none.targets):
@@ -224,53 +264,73 @@ def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success
         ax.annotate(TARGET_KINDS[index] + (" (goal)" if index == none.goal else ""), (x, y), fontsize=8,
                     xytext=(5, 5), textcoords="offset points")
     goal = none.targets[none.goal]
-    ax.add_patch(plt.Circle(tuple(goal), success_radius, fill=False, ls=":", color="g"))
+    ax.add_patch(plt.Circle(tuple(goal), success_radius, fill=False, ls=":", color="g",
+                            label=f"success radius {success_radius:g}"))
     for record, name in ((none, "none"), (cached, "step_cache")):
         outcome = "reached" if record.success else "missed"
-        ax.plot(record.trajectory[:, 0], record.trajectory[:, 1], ".-", ms=3, label=f"{name} ({outcome})")
+        ax.plot(record.trajectory[:, 0], record.trajectory[:, 1], ".-", ms=3, color=colours[name],
+                label=f"{name} ({outcome})")
     ax.set_xlim(0, 1)
     ax.set_ylim(1, 0)  # image convention: y grows downwards
     ax.set_aspect("equal")
+    ax.set_xlabel("x (arena widths, 0-1)")
+    ax.set_ylabel("y (arena heights, 0-1, downwards)")
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"episode seed {none.seed}: trajectories")
+    ax.set_title(f"episode seed {none.seed}: trajectories (one dot per action)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_similarity(
-    path: Path, none: list[EpisodeRecord], replayed: list[EpisodeRecord], thresholds: tuple[float, ...]
+    path: Path,
+    none: list[EpisodeRecord],
+    replayed: list[EpisodeRecord],
+    thresholds: list[tuple[float, str]],
+    colours: dict[str, str],
 ) -> None:
-    """Left: per-step cosine of successive computed video velocities in the uncached run (every chunk,
-    faint; first chunk of episode 0 bold) with the thresholds. Right: per step, the share of chunks in
-    which the cached run computed the forward."""
+    """Left: per step ``i``, the similarity the rule reads there (cosine of the last two computed video
+    velocities before step ``i``): every chunk of the uncached run (faint; episode 0's first chunk bold)
+    and the cached run on that chunk's inputs, with the config's thresholds. Right: per step, the share
+    of chunks in which the cached run computed the forward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+
+    def points(sims: list[float | None]) -> tuple[list[int], list[float]]:
+        xs = [i for i, s in enumerate(sims) if s is not None]
+        return xs, [sims[i] for i in xs]
+
     for record in none:
         for sims in record.similarity:
-            xs = [i for i, s in enumerate(sims) if s is not None]
-            left.plot(xs, [sims[i] for i in xs], color="tab:blue", alpha=0.08, lw=0.8)
-    first = none[0].similarity[0]
-    xs = [i for i, s in enumerate(first) if s is not None]
-    left.plot(xs, [first[i] for i in xs], "o-", color="tab:blue", lw=1.5, ms=3, label="uncached, one chunk")
+            left.plot(*points(sims), color=colours["none"], alpha=0.08, lw=0.8)
+    left.plot(*points(none[0].similarity[0]), "o-", color=colours["none"], lw=1.5, ms=3,
+              label="none (every step computed), episode 0, chunk 0")
+    left.plot(*points(replayed[0].similarity[0]), "s--", color=colours["step_cache"], lw=1.2, ms=3,
+              label="step_cache, same inputs and noise")
     ran = replayed[0].ran[0]
     for i, r in enumerate(ran):
-        left.axvspan(i - 0.5, i + 0.5, color="tab:green" if r else "tab:red", alpha=0.12, lw=0)
-    for threshold in thresholds:
-        left.axhline(threshold, ls="--", color="k", lw=0.8)
-    left.set_xlabel("denoising step (shade: cached run, green = computed, red = reused)")
-    left.set_ylabel("cos(v_i, v_prev computed)")
-    left.set_title("video velocity similarity")
-    left.legend(fontsize=8, loc="lower left")
+        left.axvspan(i - 0.5, i + 0.5, color="tab:green" if r else "tab:red", alpha=0.10, lw=0)
+    styles = ("--", ":", "-.")
+    for index, (threshold, label) in enumerate(thresholds):
+        left.axhline(threshold, ls=styles[index % len(styles)], color="k", lw=0.9, label=label)
+    handles, _ = left.get_legend_handles_labels()
+    handles += [Patch(color="tab:green", alpha=0.25, label="step_cache computed the step"),
+                Patch(color="tab:red", alpha=0.25, label="step_cache reused a velocity")]
+    left.legend(handles=handles, fontsize=7, loc="lower left")
+    left.set_xlabel("denoising step i (0 = pure noise)")
+    left.set_ylabel("similarity read at step i\n(cosine of the last two computed velocities, 1 = parallel)")
+    title = "video velocity similarity"
+    left.set_title(title if thresholds else f"{title} (this config has no thresholds)")
     runs = np.array([r for record in replayed for r in record.ran], dtype=float)
-    right.bar(np.arange(runs.shape[1]), runs.mean(axis=0), color="tab:green")
+    right.bar(np.arange(runs.shape[1]), runs.mean(axis=0), color=colours["step_cache"])
     right.set_ylim(0, 1.05)
-    right.set_xlabel("denoising step")
-    right.set_ylabel("share of chunks computed")
+    right.set_xlabel("denoising step i (0 = pure noise)")
+    right.set_ylabel("share of chunks that computed step i (0-1)")
     right.set_title(f"step_cache decisions over {runs.shape[0]} chunks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -279,7 +339,6 @@ def plot_similarity(
 
 def run(args: argparse.Namespace) -> int:
     """The demo; ``validate(args)`` has checked and converted the arguments first (``stepcache`` runs both)."""
-    from stepcache.config import StepCacheConfig
     from stepcache.models.dreamzero.world import INSTRUCTIONS, WorldConfig
     from stepcache.omni import Omni
 
@@ -324,9 +383,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     episode_png, similarity_png = out_dir / EPISODE_PNG, out_dir / SIMILARITY_PNG
-    plot_episode(episode_png, records["none"][0], records["step_cache"][0], WorldConfig().success_radius)
-    thresholds = StepCacheConfig.from_diffusion_cache_config(cache_config).sim_thresholds
-    plot_similarity(similarity_png, records["none"], replayed, thresholds)
+    colours = run_colours(cache_config)
+    plot_episode(episode_png, records["none"][0], records["step_cache"][0], WorldConfig().success_radius, colours)
+    plot_similarity(similarity_png, records["none"], replayed, threshold_lines(cache_config), colours)
     elapsed = time.perf_counter() - start
 
     last_seed = args.seed + args.episodes - 1

@@ -142,7 +142,10 @@ def _montage(pixels: np.ndarray, rows: int, cols: int, fill: float) -> np.ndarra
     return out
 
 
-def _write_png(path: Path, panels: list[tuple[str, np.ndarray, float]], rows: int, cols: int, title: str) -> None:
+def _write_png(
+    path: Path, panels: list[tuple[str, np.ndarray, float, str | None]], rows: int, cols: int, title: str
+) -> None:
+    """One montage per panel ``(caption, pixels, vmax, colour bar label or None)``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,9 +153,11 @@ def _write_png(path: Path, panels: list[tuple[str, np.ndarray, float]], rows: in
 
     # Roughly 0.3 inch per digit, so the tiles stay square whatever the grid.
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (0.3 * cols + 0.4), 0.3 * rows + 1.1))
-    for ax, (caption, pixels, vmax) in zip(np.atleast_1d(axes), panels):
+    for ax, (caption, pixels, vmax, colour_bar) in zip(np.atleast_1d(axes), panels):
         grid = _montage(pixels, rows, cols, fill=vmax * 0.25)
-        ax.imshow(grid, cmap="gray_r", vmin=0.0, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(grid, cmap="gray_r", vmin=0.0, vmax=vmax, interpolation="nearest")
+        if colour_bar is not None:
+            fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).set_label(colour_bar, fontsize=7)
         ax.set_title(caption, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -165,7 +170,7 @@ def _write_png(path: Path, panels: list[tuple[str, np.ndarray, float]], rows: in
 
 def run(args: argparse.Namespace) -> int:
     """Both runs and the PNG; ``validate(args)`` has checked and converted the arguments first."""
-    from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats, remove_step_cache
+    from stepcache.integrations.diffusers import disable_step_cache, enable_step_cache, get_step_cache_stats
     from stepcache.models.wan_digits import DigitClassifier, load_wan_digits
     from stepcache.models.wan_digits.data import PIXEL_MAX
 
@@ -191,12 +196,12 @@ def run(args: argparse.Namespace) -> int:
             _sample(digits, labels, args)
             bar.update()
             plain, plain_forwards, plain_s = _timed_sample(digits, labels, args, count, bar)
-            apply_step_cache(digits.pipe, cache_config)
+            enable_step_cache(digits.pipe, cache_config)
             try:
                 cached, cached_forwards, cached_s = _timed_sample(digits, labels, args, count, bar)
                 stats = get_step_cache_stats(digits.pipe)
             finally:
-                remove_step_cache(digits.pipe)
+                disable_step_cache(digits.pipe)
     finally:
         handle.remove()
 
@@ -222,13 +227,15 @@ def run(args: argparse.Namespace) -> int:
     _write_png(
         png,
         [
-            (f"without StepCache\n{plain_forwards} forwards, {plain_time} s", plain.numpy(), PIXEL_MAX),
+            (f"without StepCache\n{plain_forwards} forwards, {plain_time} s", plain.numpy(), PIXEL_MAX, None),
             (
                 f"with StepCache [{stats.schedule}]\n{cached_forwards} forwards, {cached_time} s",
                 cached.numpy(),
                 PIXEL_MAX,
+                None,
             ),
-            (f"|difference|\nPSNR {psnr:.1f} dB", difference.numpy(), PIXEL_MAX),
+            (f"|difference|\nPSNR {psnr:.1f} dB", difference.numpy(), PIXEL_MAX,
+             f"|with - without| (pixel value, 0-{PIXEL_MAX:g})"),
         ],
         rows,
         cols,

@@ -25,6 +25,10 @@ so the decision signals are reduced over :attr:`ParallelGroups.model_group`
 (``VelocityCache(config, process_group=groups.model_group)``, or the backend's
 ``enable(pipeline, process_group=...)``). See docs/distributed.md.
 
+The bundled pipeline and ``Omni`` run on these blocks (``DreamZeroPipeline(..., parallel=groups)``,
+``Omni(..., parallel=ParallelConfig(...))``); :class:`ParallelConfig` is what a user names, and
+:func:`init_distributed` starts the default group from ``torchrun``'s environment.
+
 Example (under ``torchrun --nproc-per-node 2``, after ``dist.init_process_group("gloo")``)::
 
     groups = ParallelGroups.create(sequence_parallel=2)
@@ -36,8 +40,13 @@ Example (under ``torchrun --nproc-per-node 2``, after ``dist.init_process_group(
 
 from __future__ import annotations
 
+import datetime
 import logging
-from dataclasses import dataclass
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -45,6 +54,153 @@ import torch
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, DiTOutput, DreamZeroMiniConfig, KVCache, KVGather
 
 logger = logging.getLogger(__name__)
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one model replica spreads over the ranks of a ``torchrun`` job (what ``Omni(parallel=...)``
+    takes; pure data).
+
+    Attributes:
+        cfg_parallel: 1, or 2 (one CFG branch per rank; needs ``guidance_scale > 1``).
+        sequence_parallel: ranks that share one branch's video tokens; None: the rest of the world
+            (``world_size // cfg_parallel``). Must divide the rows of patches of a frame.
+        check_consistency: compare every StepCache decision across the ranks (two small
+            ``all_gather`` per step; tests and debugging).
+        backend: the ``torch.distributed`` backend, used only when the default group is not yet
+            initialised (:func:`init_distributed`); None: ``"nccl"`` for a CUDA device, else ``"gloo"``.
+        timeout_s: the collectives' timeout when this starts the default group: a rank left waiting
+            (another rank failed on its own) raises after this long instead of hanging.
+    """
+
+    cfg_parallel: int = 1
+    sequence_parallel: int | None = None
+    check_consistency: bool = False
+    backend: str | None = None
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cfg_parallel, bool) or self.cfg_parallel not in (1, 2):
+            raise ValueError(f"ParallelConfig.cfg_parallel must be 1 or 2 (one rank per CFG branch), got "
+                             f"{self.cfg_parallel!r}")
+        sp = self.sequence_parallel
+        if sp is not None and (isinstance(sp, bool) or not isinstance(sp, int) or sp < 1):
+            raise ValueError(f"ParallelConfig.sequence_parallel must be a positive integer or None (the rest of "
+                             f"the world), got {sp!r}")
+        if not isinstance(self.check_consistency, bool):
+            raise ValueError(f"ParallelConfig.check_consistency must be True or False, got "
+                             f"{self.check_consistency!r}")
+        if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
+            raise ValueError(f"ParallelConfig.backend must be a backend name ('gloo', 'nccl') or None, got "
+                             f"{self.backend!r}")
+        if not (isinstance(self.timeout_s, (int, float)) and not isinstance(self.timeout_s, bool)
+                and math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"ParallelConfig.timeout_s must be a number of seconds > 0, got {self.timeout_s!r}")
+
+    @classmethod
+    def coerce(cls, value: Any) -> ParallelConfig:
+        """A ``ParallelConfig`` from itself or a dict of its fields (an unknown key is an error)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = [f.name for f in fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"unknown ParallelConfig fields {unknown}; allowed: {known}")
+            return cls(**value)
+        raise ValueError(f"parallel must be a ParallelConfig or a dict of its fields, got {type(value).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def create_groups(self) -> ParallelGroups:
+        """The groups over the default group (every rank calls this; it must be initialised)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call init_distributed() (under torchrun) "
+                               "or dist.init_process_group() first")
+        sp = self.sequence_parallel
+        if sp is None:
+            world = dist.get_world_size()
+            if world % self.cfg_parallel:
+                raise ValueError(f"cfg_parallel {self.cfg_parallel} does not divide the {world} ranks")
+            sp = world // self.cfg_parallel
+        return ParallelGroups.create(cfg_parallel=self.cfg_parallel, sequence_parallel=sp)
+
+
+def init_distributed(backend: str | None = None, *, device: torch.device | None = None,
+                     timeout_s: float = 600.0) -> bool:
+    """Start ``torch.distributed``'s default group from ``torchrun``'s environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), unless it already runs. Returns True when this
+    call started it (the caller then owns it: ``dist.destroy_process_group()`` at the end).
+
+    ``backend`` None: ``"nccl"`` when ``device`` is a CUDA device, else ``"gloo"``."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"torch.distributed is not initialised and the environment lacks {missing}: launch with torchrun "
+            "(torchrun --nproc-per-node N script.py), or call torch.distributed.init_process_group() first"
+        )
+    if backend is None:
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return True
+
+
+def fingerprint(value: Any) -> int:
+    """A number equal on every process for equal values (CRC32 of a tensor's bytes or of ``repr``;
+    Python's ``hash`` of a string is salted per process)."""
+    if isinstance(value, torch.Tensor):
+        return zlib.crc32(value.detach().cpu().contiguous().numpy().tobytes())
+    return zlib.crc32(repr(value).encode())
+
+
+def ranks_agree(values: Mapping[str, int], group: Any, what: str, *, ok: bool = True) -> None:
+    """Check that every rank of ``group`` passed the same ``values`` (one ``all_gather`` of int64).
+
+    Raises, on every rank alike: RuntimeError naming the ranks and the differing fields; or, when some
+    rank passed ``ok=False`` (it failed on its own and raises its own error after this), a
+    RuntimeError on the other ranks naming it, so that no rank goes on to wait for it in a collective.
+    """
+    import torch.distributed as dist
+
+    from stepcache.state import _collective_device
+
+    row = [int(ok), *(int(v) for v in values.values())]
+    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group, torch.device("cpu")))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    ranks = dist.get_process_group_ranks(group)
+    rows = [tuple(int(v) for v in g.cpu()) for g in gathered]
+    failed = [rank for rank, other in zip(ranks, rows) if not other[0]]
+    if failed:
+        if not ok:
+            return  # the caller raises its own error
+        raise RuntimeError(f"rank(s) {failed} failed before {what} could be checked (the error is raised there); "
+                           "every rank stops here rather than wait for them in a collective")
+    if len(set(rows)) > 1:
+        agreeing: dict[tuple[int, ...], list[int]] = {}
+        for rank, other in zip(ranks, rows):
+            agreeing.setdefault(other, []).append(rank)
+        differing = [
+            f"{name} " + ", ".join(f"rank {rank}: {other[i + 1]}" for rank, other in zip(ranks, rows))
+            for i, name in enumerate(values)
+            if len({other[i + 1] for other in rows}) > 1
+        ]
+        raise RuntimeError(
+            f"ranks disagree on {what}; ranks that agree: {' | '.join(str(g) for g in agreeing.values())}; "
+            f"differing: {'; '.join(differing)}. Every rank of a model replica must be given the same settings "
+            "and inputs, in the same order"
+        )
 
 
 @dataclass(frozen=True)
@@ -192,22 +348,34 @@ class ParallelWorldActionDiT:
 
     # -- forwards -------------------------------------------------------------------------------
 
-    def branch_instructions(self, instruction: torch.Tensor) -> torch.Tensor:
+    def branch_rows(self, batch: int) -> int:
+        """The KV cache rows this rank holds for a conditional batch of ``batch`` samples: ``batch`` per
+        branch it runs (both branches without a ``cfg_group`` when guided, one with it)."""
+        both = self.groups.cfg_group is None and self.guidance_scale != 1.0
+        return 2 * batch if both else batch
+
+    def branch_instructions(self, instruction: torch.Tensor, batches: Sequence[int] | None = None) -> torch.Tensor:
         """The instruction rows this rank runs, for conditional instructions ``(B,)``: the conditional
-        ones, the null instruction (the unconditional CFG rank), or both ``[cond; uncond]`` (CFG on
-        one rank)."""
+        ones, the null instruction (the unconditional CFG rank), or both (CFG on one rank): ``[cond;
+        uncond]``, per segment of ``batches`` when given (see :meth:`__call__`)."""
         null = torch.full_like(instruction, self.config.null_instruction)
         if self.groups.cfg_group is not None:
             return instruction if self.branch == 0 else null
         if self.guidance_scale != 1.0:
-            return torch.cat([instruction, null])
+            segments = self._segments(instruction.shape[0], batches)
+            if len(segments) == 1:
+                return torch.cat([instruction, null])
+            return torch.cat([part for seg, nul in zip(instruction.split(segments), null.split(segments))
+                              for part in (seg, nul)])
         return instruction
 
-    def prefill(self, frames: torch.Tensor, instruction: torch.Tensor, cache: KVCache) -> None:
+    def prefill(self, frames: torch.Tensor, instruction: torch.Tensor, cache: KVCache,
+                batches: Sequence[int] | None = None) -> None:
         """Write the clean observed frames ``(B, S, S)`` (latent units, the same on every rank) into
         ``cache`` for this rank's branch rows (see :meth:`branch_instructions`)."""
-        rows = self.branch_instructions(instruction)
-        frames = frames.repeat(rows.shape[0] // frames.shape[0], 1, 1)
+        rows = self.branch_instructions(instruction, batches)
+        if rows.shape[0] != frames.shape[0]:
+            frames = self._both_branches(frames, self._segments(frames.shape[0], batches))
         if self.groups.sp_group is None:
             self.model.prefill(frames, rows, cache)
             return
@@ -224,31 +392,59 @@ class ParallelWorldActionDiT:
         action_timestep: torch.Tensor,
         instruction: torch.Tensor,
         cache: KVCache | None,
+        batches: Sequence[int] | None = None,
     ) -> DiTOutput:
         """One denoising forward. ``video``: this rank's shard ``(B, rows, S)`` (sequence parallelism)
         or the whole ``(B, F, S, S)``; the other inputs as :meth:`CausalWorldActionDiT.forward` takes them
         for the conditional batch ``(B, ...)``. Returns the guided video velocity (in ``video``'s
-        layout) and the conditional action velocity; ``goal_position`` is None."""
-        rows = self.branch_instructions(instruction)
-        branches = rows.shape[0] // instruction.shape[0]
-        video_velocity, action_velocity = self._forward(
-            video.repeat(branches, *([1] * (video.dim() - 1))),
-            actions.repeat(branches, 1, 1),
-            state.repeat(branches, 1),
-            video_timestep.repeat(branches),
-            action_timestep.repeat(branches),
-            rows,
-            cache,
-        )
+        layout) and the conditional action velocity; ``goal_position`` is None.
+
+        ``batches``: the batch is several episodes' samples (``sum(batches) == B``) whose KV cache rows
+        lie episode after episode (a :class:`~stepcache.models.dreamzero.model.StackedKVCache`): with both
+        CFG branches on this rank, each episode's rows are ``[cond; uncond]``. None: one episode."""
+        rows = self.branch_instructions(instruction, batches)
         batch = instruction.shape[0]
+        branches = rows.shape[0] // batch
+        if branches == 2:
+            segments = self._segments(batch, batches)
+            video, actions, state, video_timestep, action_timestep = (
+                self._both_branches(x, segments) for x in (video, actions, state, video_timestep, action_timestep)
+            )
+        video_velocity, action_velocity = self._forward(
+            video, actions, state, video_timestep, action_timestep, rows, cache
+        )
         if self.groups.cfg_group is not None:
             (cond, uncond), action_velocity = self._exchange_branches(video_velocity, action_velocity)
         elif branches == 2:
-            cond, uncond = video_velocity[:batch], video_velocity[batch:]
-            action_velocity = action_velocity[:batch]  # actions follow the conditional branch only
+            (cond, uncond), (action_velocity, _) = (self._split_branches(x, segments)
+                                                    for x in (video_velocity, action_velocity))
         else:
             return DiTOutput(video=video_velocity, action=action_velocity)
         return DiTOutput(video=uncond + self.guidance_scale * (cond - uncond), action=action_velocity)
+
+    @staticmethod
+    def _segments(batch: int, batches: Sequence[int] | None) -> list[int]:
+        if batches is None:
+            return [batch]
+        segments = [int(b) for b in batches]
+        if sum(segments) != batch or min(segments) < 1:
+            raise ValueError(f"batches {list(batches)} must be positive and add up to the batch {batch}")
+        return segments
+
+    @staticmethod
+    def _both_branches(x: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        """Each segment's rows twice, ``[x_1; x_1; x_2; x_2; ...]`` (the rows of both CFG branches)."""
+        if len(segments) == 1:
+            return x.repeat(2, *([1] * (x.dim() - 1)))
+        return torch.cat([part for seg in x.split(segments) for part in (seg, seg)])
+
+    @staticmethod
+    def _split_branches(x: torch.Tensor, segments: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and unconditional rows of a :meth:`_both_branches` layout, in sample order."""
+        if len(segments) == 1:
+            return x[: segments[0]], x[segments[0] :]
+        parts = x.split([n for seg in segments for n in (seg, seg)])
+        return torch.cat(parts[0::2]), torch.cat(parts[1::2])
 
     def _forward(
         self, video: torch.Tensor, actions: torch.Tensor, state: torch.Tensor, video_timestep: torch.Tensor,

@@ -37,6 +37,15 @@ direct run) and replays each step as one small matrix product (``replay_schedule
 default). ``replay_schedulers=False`` calls ``scheduler.step`` every step, bit for bit the loop
 before the replay existed; the two agree to float32 rounding.
 
+**Several ranks.** ``DreamZeroPipeline(transformer, config, parallel=groups)`` runs the DiT through
+:class:`~stepcache.models.dreamzero.parallel.ParallelWorldActionDiT` (``torchrun``; sequence and/or CFG
+parallelism): every rank draws the whole noise, keeps its shard of the video (``dit.shard_video``),
+runs its share of each forward, and steps its shard with the schedulers; the actions stay whole; the
+frames are gathered at the end of the chunk. StepCache decides on the sharded guided velocity with its
+signals reduced over ``pipeline.decision_group`` (``backend.enable(pipeline, process_group=...)``). Every
+rank must make the same calls in the same order; each chunk starts with one small ``all_gather`` that
+checks the ranks were given the same inputs (see docs/distributed.md).
+
 Units: frames are grey in [0, 1] (latent = ``2 * frame - 1``), the state is the agent position in the
 unit square (model input ``2 * state - 1``), actions are world moves (model units = world /
 ``action_scale``). Convention: ``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity ``noise - x0``.
@@ -60,7 +69,9 @@ from diffusers import UniPCMultistepScheduler
 from stepcache import StepCacheState, StepRecord, get_stepcache_state, is_stepcache_active
 from stepcache.integrations.schedulers import SkipAwareStepper
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, KVCache
+from stepcache.models.dreamzero.parallel import ParallelGroups, ParallelWorldActionDiT, fingerprint, ranks_agree
 from stepcache.models.dreamzero.world import instruction_index
+from stepcache.state import reduce_statistics, signals_from_statistics, velocity_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +129,9 @@ class ChunkOutput:
     dit_forwards: int  # denoising forwards run (one per computed step; CFG branches batched)
     prefill_forwards: int
     ran: list[bool]  # per denoising step: forward computed (True) or velocity reused
-    # per computed step: cosine of its video velocity and the previous computed one (None: first or reused)
+    # per step i: the cosine of the last two computed video velocities before step i, i.e. what StepCache's
+    # rule compares with its thresholds at step i (the trace's ``similarity`` wherever the rule needed one);
+    # None while fewer than two steps have been computed
     velocity_similarity: list[float | None]
     trace: list[StepRecord] = field(default_factory=list)  # StepCache decisions (empty when off)
     latency_s: float = 0.0  # from the start of the chunk to its last step (diagnostics excluded)
@@ -408,14 +421,16 @@ class ChunkJob:
     """
 
     def __init__(self, context: EpisodeContext, generator: torch.Generator | None,
-                 cache_state: StepCacheState | None, steps: int, batch: int, branches: int) -> None:
+                 cache_state: StepCacheState | None, steps: int, batch: int, branches: int,
+                 rows: int | None = None, dit: ParallelWorldActionDiT | None = None) -> None:
         self.context = context
         self.generator = generator
         self.cache_state = cache_state
         self.steps = steps
         self.batch = batch
-        self.branches = branches
-        self.rows = batch * branches
+        self.branches = branches  # 2: the forward gives [cond; uncond] rows, guided here; 1: one velocity
+        self.rows = batch * branches if rows is None else rows  # this process's KV cache rows
+        self.dit = dit  # several ranks: the video is this rank's shard (gathered in finish)
         self.started = time.perf_counter()
         self.finished: float | None = None
         self._snapshot = context.snapshot()
@@ -466,9 +481,15 @@ class ChunkJob:
         if not self.done:
             raise RuntimeError(f"the chunk has run {self.step} of its {self.steps} steps")
         final_video = self.video_x0 if decoupled_video_noise else self.video
+        if self.dit is not None:  # every rank gets the whole video (its shard stepped here)
+            final_video = self.dit.gather_video(final_video)
         predicted = ((final_video + 1.0) / 2.0).clamp(0.0, 1.0)
         latency = (self.finished or time.perf_counter()) - self.started
-        similarities = _successive_similarities(self.computed)  # diagnostics, after the clock stopped
+        # diagnostics, after the clock stopped
+        if self.dit is None:
+            similarities = _successive_similarities(self.computed)
+        else:
+            similarities = _sharded_successive_similarities(self.computed, self.dit)
         group = self.group
         trace = list(group.cache_state.trace) if group is not None and group.cache_state is not None else []
         result = ChunkOutput(
@@ -477,7 +498,7 @@ class ChunkJob:
             dit_forwards=len(self.forward_batch_sizes),
             prefill_forwards=1,
             ran=[velocity is not None for velocity in self.computed],
-            velocity_similarity=similarities,
+            velocity_similarity=_read_before_each_step(similarities),
             trace=trace,
             latency_s=latency,
             context_frames=self.context.kv_cache.num_frames,
@@ -572,6 +593,18 @@ class DecisionGroup:
         self.step += 1
 
 
+def _read_before_each_step(at_later_step: list[float | None]) -> list[float | None]:
+    """Pair cosines stored at the later step of each pair -> per step ``i``, the cosine of the last two
+    computed velocities before ``i`` (the similarity StepCache's rule reads at step ``i``)."""
+    out: list[float | None] = []
+    latest: float | None = None
+    for value in at_later_step:
+        out.append(latest)
+        if value is not None:
+            latest = value
+    return out
+
+
 def _successive_similarities(computed: list[torch.Tensor | None]) -> list[float | None]:
     """Per step: the cosine of its computed velocity and the previous computed one (as
     :func:`stepcache.velocity_similarity`: per sample in float32, summed in float64, batch mean), None
@@ -588,6 +621,25 @@ def _successive_similarities(computed: list[torch.Tensor | None]) -> list[float 
     steps = [i for i, v in enumerate(computed) if v is not None]
     for step, value in zip(steps[1:], cosine):
         out[step] = value
+    return out
+
+
+def _sharded_successive_similarities(computed: list[torch.Tensor | None],
+                                     dit: ParallelWorldActionDiT) -> list[float | None]:
+    """:func:`_successive_similarities` of velocities sharded over ``dit``'s sequence-parallel group: the
+    per-sample sums of every pair, all-reduced in one collective (none when every rank holds the whole
+    velocity)."""
+    velocities = [v for v in computed if v is not None]
+    out: list[float | None] = [None] * len(computed)
+    if len(velocities) < 2:
+        return out
+    stats = torch.stack([velocity_statistics(latest, previous)
+                         for latest, previous in zip(velocities[1:], velocities[:-1])])  # (pairs, B, 4)
+    if dit.groups.sp_group is not None:
+        stats = reduce_statistics(stats.flatten(0, 1), dit.groups.sp_group).view(stats.shape)
+    steps = [i for i, v in enumerate(computed) if v is not None]
+    for step, pair in zip(steps[1:], stats):
+        out[step] = signals_from_statistics(pair).similarity
     return out
 
 
@@ -617,6 +669,9 @@ class DreamZeroPipeline:
     Args:
         transformer: the :class:`CausalWorldActionDiT`.
         config: sampling settings.
+        parallel: the process groups of a model replica spread over several ranks
+            (:class:`~stepcache.models.dreamzero.parallel.ParallelGroups`; every rank builds the pipeline
+            with the same weights and config); None: one process.
 
     Example:
         >>> pipe = DreamZeroPipeline.from_pretrained("dreamzero-mini")      # doctest: +SKIP
@@ -625,9 +680,16 @@ class DreamZeroPipeline:
         (1, 8, 2)
     """
 
-    def __init__(self, transformer: CausalWorldActionDiT, config: DreamZeroPipelineConfig | None = None) -> None:
+    def __init__(self, transformer: CausalWorldActionDiT, config: DreamZeroPipelineConfig | None = None, *,
+                 parallel: ParallelGroups | None = None) -> None:
         self.transformer = transformer.eval()
         self.config = config or DreamZeroPipelineConfig()
+        if parallel is not None and not isinstance(parallel, ParallelGroups):
+            raise ValueError(f"parallel must be a ParallelGroups (ParallelGroups.create(...)) or None, got "
+                             f"{type(parallel).__name__}")
+        # Several ranks: the DiT runs through its parallel wrapper (None: one process, the plain model).
+        self.dit = None if parallel is None else ParallelWorldActionDiT(
+            self.transformer, parallel, guidance_scale=self.config.guidance_scale)
         # Templates: every chunk steps fresh copies (or replays them); these are never stepped.
         self.video_scheduler = _make_scheduler(self.config.flow_shift)
         self.action_scheduler = _make_scheduler(self.config.flow_shift)
@@ -638,12 +700,19 @@ class DreamZeroPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path = "dreamzero-mini", config: DreamZeroPipelineConfig | None = None
+        cls, model: str | Path = "dreamzero-mini", config: DreamZeroPipelineConfig | None = None, *,
+        parallel: ParallelGroups | None = None,
     ) -> DreamZeroPipeline:
         """Load a bundled model by name, or a directory holding ``config.json`` + ``model.safetensors``."""
         from stepcache.models.dreamzero.weights import load_model
 
-        return cls(load_model(model), config)
+        return cls(load_model(model), config, parallel=parallel)
+
+    @property
+    def decision_group(self) -> Any:
+        """The process group StepCache reduces its signals over (``backend.enable(pipeline,
+        process_group=pipeline.decision_group)``); None for one process."""
+        return None if self.dit is None else self.dit.decision_group
 
     @property
     def device(self) -> torch.device:
@@ -760,8 +829,58 @@ class DreamZeroPipeline:
             generator: the chunk's noise (default: the context's, else torch's global one).
             num_inference_steps: default: the config's.
             cache_state: the StepCache state deciding this chunk's steps (None: every step runs).
-            callback: called after every step with a dict (step, ran, velocities, latents).
+            callback: called after every step with a dict (step, ran, velocities, latents; on several
+                ranks, this rank's shard of the video ones).
+
+        On several ranks, every rank calls this with the same arguments: one ``all_gather`` checks them
+        (a rank whose inputs are refused, or that was given other inputs, fails every rank here, before
+        any forward).
         """
+        if self.dit is None:
+            return self._begin_chunk(context, observation, instruction, state, generator, num_inference_steps,
+                                     cache_state, callback)
+        job = error = None
+        try:
+            job = self._begin_chunk(context, observation, instruction, state, generator, num_inference_steps,
+                                    cache_state, callback)
+        except Exception as local_error:
+            error = local_error
+        try:
+            ranks_agree(self._chunk_fingerprint(job), self.dit.decision_group, "the chunk's inputs",
+                        ok=error is None)
+        except BaseException:
+            if job is not None:
+                job.rollback()
+            raise
+        if error is not None:
+            raise error
+        return job
+
+    def _chunk_fingerprint(self, job: ChunkJob | None) -> dict[str, int]:
+        """What every rank must share to run one chunk together (zeros for a rank that failed)."""
+        if job is None:
+            return dict.fromkeys(("observation", "state", "instruction", "steps", "noise_generator", "context_frames",
+                                  "chunk_index", "stepcache"), 0)
+        generator = job.generator if job.generator is not None else torch.default_generator
+        return {
+            "observation": fingerprint(job.prefill_frames), "state": fingerprint(job.model_state),
+            "instruction": job.instruction_id, "steps": job.steps,
+            "noise_generator": fingerprint(generator.get_state()),
+            "context_frames": job.context.kv_cache.num_frames, "chunk_index": job.context.chunk_index,
+            "stepcache": -1 if job.cache_state is None else fingerprint(job.cache_state.config),
+        }
+
+    def _begin_chunk(
+        self,
+        context: EpisodeContext,
+        observation: np.ndarray | torch.Tensor,
+        instruction: str | int,
+        state: np.ndarray | torch.Tensor,
+        generator: torch.Generator | None,
+        num_inference_steps: int | None,
+        cache_state: StepCacheState | None,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> ChunkJob:
         cfg = self.config
         model_cfg = self.transformer.config
         steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -778,9 +897,13 @@ class DreamZeroPipeline:
         instruction_id = instruction_index(instruction)
         # The batch is [conditional; unconditional] with CFG: each branch has its own cache rows.
         branches = 2 if cfg.guidance_scale != 1.0 else 1
+        rows = None
+        if self.dit is not None:  # the parallel DiT builds its branch rows and returns the guided velocity
+            self._check_parallel_cache_state(cache_state)
+            branches, rows = 1, self.dit.branch_rows(batch)
         generator = generator if generator is not None else context.generator
         context._claim()
-        job = ChunkJob(context, generator, cache_state, steps, batch, branches)
+        job = ChunkJob(context, generator, cache_state, steps, batch, branches, rows, self.dit)
         try:
             job.callback = callback
             job.instruction_id = instruction_id
@@ -802,6 +925,15 @@ class DreamZeroPipeline:
         job.schedule = self.schedule(steps)
         job.action_scale = model_cfg.action_scale
         return job
+
+    def _check_parallel_cache_state(self, cache_state: StepCacheState | None) -> None:
+        # Decisions on a sharded velocity without the group would differ between ranks: a hang.
+        if cache_state is not None and self.dit.groups.sp_group is not None and cache_state.process_group is None:
+            raise ValueError(
+                "the StepCache state has no process_group, but this pipeline shards the video velocity over "
+                "several ranks: enable it with backend.enable(pipeline, process_group=pipeline.decision_group) "
+                "(or StepCacheState(config, process_group=pipeline.decision_group))"
+            )
 
     @torch.no_grad()
     def prefill(self, jobs: Sequence[ChunkJob]) -> dict[ChunkJob, Exception]:
@@ -839,6 +971,9 @@ class DreamZeroPipeline:
         frames = _cat([job.prefill_frames for job in jobs])
         instructions = _cat([job.instructions for job in jobs])
         cache = KVCache.stack([job.context.kv_cache for job in jobs], [job.rows for job in jobs])
+        if self.dit is not None:  # conditional rows in; each rank caches its branches' rows
+            self.dit.prefill(frames, instructions, cache, batches=[job.batch for job in jobs])
+            return
         self.transformer.prefill(frames, instructions, cache)
 
     def _start_denoising(self, job: ChunkJob) -> None:
@@ -847,6 +982,8 @@ class DreamZeroPipeline:
         video = torch.randn((job.batch, model_cfg.future_frames, model_cfg.frame_size, model_cfg.frame_size),
                             generator=job.generator)
         actions = torch.randn((job.batch, model_cfg.action_horizon, model_cfg.action_dim), generator=job.generator)
+        if self.dit is not None:  # the whole noise drawn on every rank; this rank keeps its shard
+            video = self.dit.shard_video(video)
         device = self.device
         job.video, job.actions = video.to(device), actions.to(device)
         solver_aware = job.cache_state is not None and job.cache_state.config.solver_aware
@@ -897,7 +1034,20 @@ class DreamZeroPipeline:
 
     def denoise_forward(self, jobs: Sequence[ChunkJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The one place where the DiT denoises: one forward over the rows of ``jobs``, each at its own
-        step; returns each job's raw (video, action) velocities, rows ``[cond; uncond]``."""
+        step; returns each job's raw (video, action) velocities, rows ``[cond; uncond]`` (on several
+        ranks: the guided video velocity, this rank's shard, and the conditional action velocity)."""
+        if self.dit is not None:
+            batches = [job.batch for job in jobs]
+            video = _cat([job.video for job in jobs])
+            t_video = _cat([job.schedule.video_timesteps[job.step].expand(job.batch) for job in jobs])
+            t_action = _cat([job.schedule.action_timesteps[job.step].expand(job.batch) for job in jobs])
+            cache = KVCache.stack([job.context.kv_cache for job in jobs], [job.rows for job in jobs])
+            out = self.dit(video, _cat([job.actions for job in jobs]), _cat([job.model_state for job in jobs]),
+                           t_video.to(video.device), t_action.to(video.device),
+                           _cat([job.instructions for job in jobs]), cache, batches=batches)
+            if len(jobs) == 1:
+                return [(out.video, out.action)]
+            return list(zip(out.video.split(batches), out.action.split(batches)))
         video = _cat([job.video.repeat(job.branches, 1, 1, 1) for job in jobs])
         actions = _cat([job.actions.repeat(job.branches, 1, 1) for job in jobs])
         state = _cat([job.model_state for job in jobs])

@@ -1,7 +1,7 @@
 """The benchmark on ``wan-digits``: a diffusers ``WanPipeline`` (two transformer calls per step, CFG).
 
 Every method samples the same labels from the same seed. StepCache, the static mask and the oracle go
-through :func:`~stepcache.integrations.diffusers.apply_step_cache`; diffusers' own caches through
+through :func:`~stepcache.integrations.diffusers.enable_step_cache`; diffusers' own caches through
 ``transformer.enable_cache``. Forwards are counted as FLOPs (torch's counter) in units of one full
 step, so a cache that computes part of the model gets a fractional ``nfe``.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from stepcache.integrations.diffusers import apply_step_cache, get_step_cache_stats, remove_step_cache
+from stepcache.integrations.diffusers import disable_step_cache, enable_step_cache, get_step_cache_stats
 from stepcache.models.wan_digits.classifier import DigitClassifier
 from stepcache.models.wan_digits.data import PIXEL_MAX, load_digit_pixels
 from stepcache.tools.benchmark.digit_features import DigitFeatureNet
@@ -70,7 +70,7 @@ class WanDigitsTarget(BenchTarget):
     def sample(self, method: Method, *, measure: bool = True) -> Sample:
         transformer = self.pipe.transformer
         if method.step_cache is not None:
-            apply_step_cache(self.pipe, method.step_cache)
+            enable_step_cache(self.pipe, method.step_cache)
         elif method.peer is not None:
             transformer.enable_cache(method.peer.build())
         try:
@@ -80,7 +80,7 @@ class WanDigitsTarget(BenchTarget):
             run_steps = get_step_cache_stats(self.pipe).run_steps if method.step_cache is not None else None
         finally:
             if method.step_cache is not None:
-                remove_step_cache(self.pipe)
+                disable_step_cache(self.pipe)
             elif method.peer is not None:
                 transformer.disable_cache()
         if method.method == FULL and self._flops_per_step is None:

@@ -1,0 +1,201 @@
+"""The docs run as written: every Python block of the README and of the docs below is executed, and every
+``stepcache`` command line in their shell blocks is parsed by the real command-line parser.
+
+A block is run unless the HTML comment on the line before it (blank lines allowed) says otherwise:
+
+- ``<!-- fragment: WHY -->``: not runnable on its own (names the reader supplies); only compiled;
+- ``<!-- not run: WHY -->``: runnable, but needs what tests cannot have (downloads, a GPU); compiled;
+- ``<!-- continues the previous block -->``: runs in the namespace the previous block left.
+
+Blocks run in a temporary working directory (what they write stays out of the checkout), with one
+torch thread. The bash commands are not run here (they take minutes); their durations are in the
+README, measured on the development machine.
+"""
+
+from __future__ import annotations
+
+import re
+import runpy
+import shlex
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = (
+    "README.md", "docs/diffusers.md", "docs/dreamzero.md", "docs/serving.md", "docs/distributed.md",
+    "docs/benchmarks.md",
+)
+QUICK_START = "bash scripts/setup.sh && .venv/bin/stepcache demo\n.venv/bin/python -m pytest\n"
+
+FRAGMENT, NOT_RUN, CONTINUES, RUN = "fragment", "not run", "continues the previous block", "run"
+_MARKER = re.compile(r"^<!--\s*(fragment|not run|continues the previous block)\s*(?::\s*(.*?))?\s*-->$")
+_FENCE = re.compile(r"^\s*```(\S*)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    doc: str
+    line: int  # 1-based line of the opening fence
+    language: str
+    code: str
+    mode: str  # RUN, FRAGMENT, NOT_RUN or CONTINUES
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def code_blocks(doc: str) -> list[Block]:
+    """The fenced code blocks of ``doc`` (relative to the repository root), with their markers."""
+    lines = (ROOT / doc).read_text().splitlines()
+    blocks: list[Block] = []
+    index = 0
+    while index < len(lines):
+        opening = _FENCE.match(lines[index])
+        if opening is None:
+            index += 1
+            continue
+        language = opening.group(1)
+        end = index + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        if end == len(lines):
+            raise AssertionError(f"{doc}:{index + 1}: a code block that is never closed")
+        code = textwrap.dedent("\n".join(lines[index + 1 : end])) + "\n"
+        mode, reason = RUN, ""
+        before = index - 1
+        while before >= 0 and not lines[before].strip():
+            before -= 1
+        marker = _MARKER.match(lines[before].strip()) if before >= 0 else None
+        if marker is not None:
+            mode, reason = marker.group(1), marker.group(2) or ""
+        blocks.append(Block(doc, index + 1, language, code, mode, reason))
+        index = end + 1
+    return blocks
+
+
+def _runnable_chains() -> list[list[Block]]:
+    """Python blocks to run, each with the blocks that continue it."""
+    chains: list[list[Block]] = []
+    for doc in DOCS:
+        previous: list[Block] | None = None
+        for block in code_blocks(doc):
+            if block.language != "python":
+                continue
+            if block.mode == CONTINUES:
+                assert previous is not None, f"{block.name} continues a block that is not run"
+                previous.append(block)
+            elif block.mode == RUN:
+                previous = [block]
+                chains.append(previous)
+            else:
+                previous = None
+    return chains
+
+
+def _all_blocks() -> list[Block]:
+    return [block for doc in DOCS for block in code_blocks(doc)]
+
+
+@pytest.fixture
+def one_thread_in_a_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield tmp_path
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("chain", _runnable_chains(), ids=lambda chain: chain[0].name)
+def test_python_block_runs_as_written(chain: list[Block], one_thread_in_a_scratch_folder: Path) -> None:
+    namespace: dict[str, object] = {"__name__": "__doc_example__"}
+    for block in chain:
+        exec(compile(block.code, block.name, "exec"), namespace)  # the docs' own examples
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in _all_blocks() if b.language == "python" and b.mode in (FRAGMENT, NOT_RUN)],
+    ids=lambda block: block.name,
+)
+def test_blocks_that_are_not_run_still_compile_and_say_why(block: Block) -> None:
+    assert block.reason, f"{block.name}: say why it is not run (<!-- {block.mode}: WHY -->)"
+    compile(block.code, block.name, "exec")
+
+
+def test_every_block_is_marked_with_a_known_marker() -> None:
+    for doc in DOCS:
+        for number, line in enumerate((ROOT / doc).read_text().splitlines(), start=1):
+            if line.strip().startswith("<!--") and any(word in line for word in ("run", "fragment", "continue")):
+                assert _MARKER.match(line.strip()), f"{doc}:{number}: unknown doc-test marker {line.strip()!r}"
+
+
+def _stepcache_commands(block: Block) -> Iterator[list[str]]:
+    """The ``stepcache ...`` command lines of a shell block, as argument lists (shell operators cut)."""
+    text = block.code.replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        for operator in ("&&", "&", "|", ";", "||"):
+            if operator in words:
+                words = words[: words.index(operator)]
+        if words and Path(words[0]).name == "stepcache":
+            yield words[1:]
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in _all_blocks() if b.language == "bash"], ids=lambda block: block.name
+)
+def test_command_lines_parse(block: Block, capsys: pytest.CaptureFixture[str]) -> None:
+    """As ``stepcache`` parses them (``cli.main``): the subcommand first, then the tool's own options;
+    nothing is validated or run. A deprecated spelling fails too."""
+    import importlib
+
+    from stepcache.tools.cli import _build_parser, _subparser
+
+    for words in _stepcache_commands(block):
+        parser = _build_parser()
+        try:
+            known, _ = parser.parse_known_args(words)
+            importlib.import_module(known._module).add_arguments(_subparser(parser, known.command))
+            parser.parse_args(words)
+        except SystemExit as exit_info:
+            raise AssertionError(f"{block.name}: `stepcache {shlex.join(words)}` does not parse") from exit_info
+        warning = capsys.readouterr().err
+        assert "deprecated" not in warning, f"{block.name}: `stepcache {shlex.join(words)}`: {warning.strip()}"
+
+
+def test_readme_starts_with_the_two_quick_start_commands() -> None:
+    first = next(block for block in code_blocks("README.md"))
+    assert first.language == "bash" and first.code == QUICK_START
+
+
+def test_the_linked_complete_loop_example_runs(one_thread_in_a_scratch_folder: Path, capsys) -> None:
+    runpy.run_path(str(ROOT / "examples" / "euler_loop.py"), run_name="__main__")
+    assert "forwards" in capsys.readouterr().out
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_local_links_and_anchors_exist(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (ROOT / doc).parent / path if path else ROOT / doc
+        assert linked.exists(), f"{doc}: link to a missing file {target}"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)
+            assert anchor in {_slug(h) for h in headings}, f"{doc}: no heading for #{anchor} in {linked.name}"
