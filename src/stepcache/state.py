@@ -74,7 +74,7 @@ _DOT, _LATEST_SQ, _PREVIOUS_SQ, _DIFFERENCE_SQ = range(4)
 # velocity_statistics works through the velocities in chunks of columns, sized so that its float32
 # buffers (the chunk's copies when the dtype is not float32, and one product) never hold more than this
 # share of one velocity's bytes; but never chunks smaller than _MIN_CHUNK columns (per-op overhead).
-_TRANSIENT_SHARE = 0.5
+_TRANSIENT_SHARE = 0.75
 _MIN_CHUNK = 1 << 12
 
 
@@ -126,7 +126,7 @@ class VelocitySignals:
 
 def velocity_statistics(latest: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Per-sample sums ``(B, 4)`` in float64: ``<a, b>``, ``<a, a>``, ``<b, b>``, ``<a - b, a - b>`` of
-    the two velocities flattened per sample, each product taken in float32.
+    the two velocities flattened per sample, products and chunk sums in float32.
 
     Sums add up across shards of the same samples, which is what makes decisions on sharded velocities
     exact: all-reduce them, then derive the signals. Chunked, so the transient float32 copies stay
@@ -148,9 +148,11 @@ def velocity_statistics(latest: torch.Tensor, previous: torch.Tensor) -> torch.T
     for start in range(0, width, chunk):
         a_part = a[:, start : start + chunk].float()  # a view, for a float32 velocity
         b_part = b[:, start : start + chunk].float()
-        stats[:, _DOT] += (a_part * b_part).sum(1, dtype=torch.float64)
-        stats[:, _LATEST_SQ] += (a_part * a_part).sum(1, dtype=torch.float64)
-        stats[:, _PREVIOUS_SQ] += (b_part * b_part).sum(1, dtype=torch.float64)
+        # Each chunk is summed in float32 (a float64 sum would first copy the product to float64 on CUDA)
+        # and the chunks' sums are added in float64.
+        stats[:, _DOT] += (a_part * b_part).sum(1)
+        stats[:, _LATEST_SQ] += (a_part * a_part).sum(1)
+        stats[:, _PREVIOUS_SQ] += (b_part * b_part).sum(1)
     # |a - b|^2 from the same sums (float64; no difference buffer): exact enough for relative changes
     # down to ~1e-4, far below what any budget reads.
     stats[:, _DIFFERENCE_SQ] = (stats[:, _LATEST_SQ] + stats[:, _PREVIOUS_SQ] - 2 * stats[:, _DOT]).clamp_min(0)
