@@ -18,7 +18,12 @@ def ranks(request, rank_results) -> list[dict]:
     return rank_results(request.param, "core")
 
 
-def _same_floats(a: list[float | None], b: list[float | None], tol: float = 1e-12) -> bool:
+# The signals are sums of float32 chunk sums: a sharded velocity is chunked differently from the whole
+# one, so they agree with one process to float32 rounding, and exactly across the ranks of a group.
+SIGNAL_TOLERANCE = 1e-6
+
+
+def _same_floats(a: list[float | None], b: list[float | None], tol: float = SIGNAL_TOLERANCE) -> bool:
     for x, y in zip(a, b, strict=True):
         if x is None or y is None:
             if x is not y:
@@ -50,7 +55,13 @@ def test_every_rank_takes_the_single_process_decisions(ranks, name: str) -> None
             assert mine["ran"] == reference["ran"], (layout, rank)
             assert mine["reasons"] == reference["reasons"], (layout, rank)
             assert _same_floats(mine["similarities"], reference["similarities"]), (layout, rank)
-            assert _same_floats(mine["errors"], reference["errors"], tol=1e-10), (layout, rank)
+            assert _same_floats(mine["errors"], reference["errors"]), (layout, rank)
+        # Within one layout every rank read the very same numbers (one reduction, one result).
+        first = ranks[0]["decisions"][(name, layout)]
+        for result in ranks[1:]:
+            mine = result["decisions"][(name, layout)]
+            assert _same_floats(mine["similarities"], first["similarities"], tol=0.0), layout
+            assert _same_floats(mine["errors"], first["errors"], tol=0.0), layout
 
 
 @pytest.mark.parametrize("name", ["seed", "extrapolate"])

@@ -25,7 +25,7 @@ def test_every_rank_takes_the_single_process_decisions(ranks, case: str) -> None
         for mine, expected in zip(trace["similarities"], reference["similarities"], strict=True):
             assert (mine is None) == (expected is None)
             if mine is not None:
-                assert math.isclose(mine, expected, abs_tol=1e-9)
+                assert math.isclose(mine, expected, abs_tol=1e-6)  # float32 chunk sums
 
 
 def test_a_sharded_output_gives_the_single_process_latents(ranks) -> None:
