@@ -114,4 +114,4 @@ def test_the_similarity_plotted_is_the_one_the_rule_read(tmp_path):
         for step, (by_rule, plotted) in enumerate(zip(read, stats.velocity_similarity)):
             assert plotted is not None or step < 2
             if by_rule is not None:
-                assert plotted == pytest.approx(by_rule, abs=1e-12)
+                assert plotted == pytest.approx(by_rule, abs=1e-6)  # the same cosine, to float32 rounding
