@@ -63,26 +63,24 @@ class DeprecatedAlias(argparse.Action):
 # -- argument types (argparse calls them; ArgumentTypeError becomes "argument --x: <message>") ------
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= {minimum}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def seed_int(text: str) -> int:
     """A random seed: an integer >= 0 (what ``torch.Generator.manual_seed`` and numpy both accept)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= 0")
-    return value
+    return _int_at_least(text, 0)
 
 
 def finite_float(text: str) -> float:
