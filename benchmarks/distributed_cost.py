@@ -2,6 +2,7 @@
 
     python benchmarks/distributed_cost.py                      # every layout, prints a Markdown table
     python benchmarks/distributed_cost.py --chunks 4 --json out.json
+    python benchmarks/distributed_cost.py --layouts "SP 2" "CFG 2" --chunks 1     # some layouts only
 
 Each layout of the bundled DreamZero-mini DiT (1 rank: one process; 2: sequence parallel, CFG parallel;
 4: sequence parallel, 2 CFG x 2 SP) runs in its own spawned gloo job on this machine, one thread per
@@ -12,6 +13,8 @@ rank. Per layout, on rank 0 (every rank waits at a barrier before each timed loo
   (median over ``--repeats`` calls; without a group on 1 rank);
 - ``check``: what ``check_consistency=True`` adds to one decision (its two ``all_gather`` calls): the
   median of ``plan_step`` with the check minus without it;
+- ``start``: what the fingerprint at a generation's start costs (its one ``all_gather`` of 6 int64,
+  always on with a group): the median of ``StepCacheState.reset(16)`` with the group minus without;
 - ``forward``: one denoising forward of the parallel DiT (median of 20);
 - chunk latency of the bundled ``DreamZeroPipeline`` (16 steps, ``pipe(frame, instruction, state)``,
   median over ``--chunks`` chunks after one warm-up chunk; on 1 rank the one-process pipeline, on
@@ -95,6 +98,9 @@ def _measure(rank: int, world: int, cfg_parallel: int, repeats: int, chunks: int
             plain.plan_step(history), checked.plan_step(history)  # the signals are reduced once, then reused
             result["check_us"] = (_median_us(lambda: checked.plan_step(history), repeats)
                                   - _median_us(lambda: plain.plan_step(history), repeats))
+            alone = StepCacheState(StepCacheConfig())
+            result["start_us"] = (_median_us(lambda: plain.reset(STEPS), repeats)
+                                  - _median_us(lambda: alone.reset(STEPS), repeats))
 
         def chunk_ms(cache: bool, check: bool = False) -> tuple[float, float]:
             pipe = DreamZeroPipeline(dit.model, DreamZeroPipelineConfig(num_inference_steps=STEPS),
@@ -150,20 +156,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200, help="calls per timed collective")
     parser.add_argument("--chunks", type=int, default=6, help="timed chunks per setting (after one warm-up)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--layouts", nargs="+", choices=[name for name, _, _ in LAYOUTS],
+                        help="measure these layouts only (default: every one)")
     args = parser.parse_args()
     rows = []
     for name, world, cfg_parallel in LAYOUTS:
+        if args.layouts and name not in args.layouts:
+            continue
         result = run_layout(world, cfg_parallel, args.repeats, args.chunks)
         rows.append({"layout": name, "ranks": world, **result})
-    print("| layout | ranks | forward ms | signals us (local sums) | check us | pipeline chunk off ms | chunk on ms "
-          "(forwards) | chunk on + check ms | per-step cost of the reduction |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| layout | ranks | forward ms | signals us (local sums) | check us | start us | pipeline chunk off ms | "
+          "chunk on ms (forwards) | chunk on + check ms | per-step cost of the reduction |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         check = f"{row['check_us']:.0f}" if "check_us" in row else "-"
+        start = f"{row['start_us']:.0f}" if "start_us" in row else "-"
         checked = f"{row['chunk_check_ms']:.1f}" if "chunk_check_ms" in row else "-"
         share = row["signals_us"] / (10 * row["forward_ms"])  # us / (ms * 1000) in percent
         print(f"| {row['layout']} | {row['ranks']} | {row['forward_ms']:.2f} | {row['signals_us']:.0f} "
-              f"({row['local_sums_us']:.0f}) | {check} | {row['chunk_off_ms']:.1f} | {row['chunk_on_ms']:.1f} "
+              f"({row['local_sums_us']:.0f}) | {check} | {start} | {row['chunk_off_ms']:.1f} | "
+              f"{row['chunk_on_ms']:.1f} "
               f"({row['forwards_on']:.0f}/{STEPS}) | {checked} | {share:.1f}% of a forward |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import reprlib
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -474,6 +475,9 @@ _DECISION = "decision"
 _STATE_FIELDS = ("step", "history", "skip_countdown", "consecutive_skips", "config_crc32", "num_steps",
                  "accumulated_error_bits", "batch", "batch_parts")
 _DECISION_FIELDS = ("run", "reason", "skip_countdown", "consecutive_skips")
+# What every rank gathers at the start of each generation, with a process group (the first, whether the
+# rank refused its own arguments, is reported apart).
+_GENERATION_FIELDS = ("refused", "config", "step count", "timesteps", "check_consistency", "batch parts")
 
 
 def _float_bits(value: float) -> int:
@@ -571,17 +575,28 @@ class StepCacheState(TraceSummary):
             ValueError: the config cannot apply to ``num_steps`` steps (a fixed schedule past the end),
                 or ``timesteps`` does not match ``num_steps``.
         """
-        if num_steps is not None:
-            self.config.check_num_steps(num_steps)
+        error: Exception | None = None
         schedule = None
-        if timesteps is not None:
-            schedule = tuple(_as_time(t) for t in timesteps)
-            if num_steps is None or len(schedule) not in (num_steps, num_steps + 1):
-                raise ValueError(
-                    f"timesteps must hold num_steps ({num_steps}) or num_steps + 1 values, got {len(schedule)}"
-                )
-            if len(schedule) == num_steps:
-                schedule = (*schedule, 0.0)
+        try:
+            if num_steps is not None:
+                self.config.check_num_steps(num_steps)
+            if timesteps is not None:
+                schedule = tuple(_as_time(t) for t in timesteps)
+                if num_steps is None or len(schedule) not in (num_steps, num_steps + 1):
+                    raise ValueError(
+                        f"timesteps must hold num_steps ({num_steps}) or num_steps + 1 values, got {len(schedule)}"
+                    )
+                if len(schedule) == num_steps:
+                    schedule = (*schedule, 0.0)
+        except (TypeError, ValueError) as local_error:
+            error = local_error
+        if self.process_group is not None and _record:
+            # Every generation start, always: a rank with another config or step count would otherwise
+            # take other decisions, or wait in a collective its peers never join. Before the local
+            # error is raised, so that the peers of a rank that refuses its arguments stop here too.
+            self._check_generation_agrees(num_steps, schedule, failed=error is not None)
+        if error is not None:
+            raise error
         self._schedule = schedule
         self.generation_steps = num_steps
         self._plan = None
@@ -798,6 +813,57 @@ class StepCacheState(TraceSummary):
             config_fingerprint(self.config), -1 if self.generation_steps is None else self.generation_steps,
             _float_bits(self.accumulated_error), batch, 1 if self.batch_part is None else self.batch_part[1],
         ]
+
+    def _check_generation_agrees(self, num_steps: int | None, schedule: tuple[float, ...] | None, *,
+                                 failed: bool) -> None:
+        """One ``all_gather`` of :data:`_GENERATION_FIELDS` (6 int64) at the start of a generation; raise
+        on every rank, naming what differs and the ranks, when the ranks' values are not all equal."""
+        import torch.distributed as dist
+
+        mine = [
+            int(failed), config_fingerprint(self.config), -1 if num_steps is None else int(num_steps),
+            -1 if schedule is None else zlib.crc32(struct.pack(f"<{len(schedule)}d", *schedule)),
+            int(self.check_consistency), 1 if self.batch_part is None else self.batch_part[1],
+        ]
+        device = _collective_device(self.process_group, torch.device("cpu"))
+        tensor = torch.tensor(mine, dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self.process_group))]
+        dist.all_gather(gathered, tensor, group=self.process_group)
+        rows = [tuple(int(v) for v in g.cpu()) for g in gathered]
+        ranks = dist.get_process_group_ranks(self.process_group)  # global ranks, in group order
+        refused = [rank for rank, row in zip(ranks, rows) if row[0]]
+        if refused:
+            if failed:
+                return  # this rank raises its own error
+            raise RuntimeError(
+                f"StepCache: rank(s) {refused} refused the arguments of this generation (the error is raised "
+                "there); every rank stops at the generation's start rather than wait for them in a collective"
+            )
+        if len(set(rows)) == 1:
+            return
+        differing = [
+            f"{name} (" + ", ".join(f"rank {rank}: {row[i]}" for rank, row in zip(ranks, rows)) + ")"
+            for i, name in enumerate(_GENERATION_FIELDS)
+            if i and len({row[i] for row in rows}) > 1
+        ]
+        if len({row[1] for row in rows}) > 1:  # name the config fields (every rank is here: safe to gather)
+            configs: list[Any] = [None] * len(ranks)
+            dist.all_gather_object(configs, dataclasses.asdict(self.config), group=self.process_group)
+            fields = [
+                f"{key}: " + ", ".join(f"rank {rank}: {reprlib.repr(config[key])}" for rank, config in
+                                       zip(ranks, configs))
+                for key in configs[0] if len({repr(config[key]) for config in configs}) > 1
+            ]
+            differing.append("config fields " + "; ".join(fields))
+        agreeing: dict[tuple[int, ...], list[int]] = {}
+        for rank, row in zip(ranks, rows):
+            agreeing.setdefault(row, []).append(rank)
+        groups = " | ".join(str(group) for group in agreeing.values())
+        raise RuntimeError(
+            f"StepCache ranks disagree at the start of a generation; ranks that agree: {groups}; differing: "
+            f"{'; '.join(differing)}. Every rank of the group must use the same config and start the same "
+            "generations (the same step count and timesteps)"
+        )
 
     def _check_ranks_agree(
         self, step: int, what: str, values: list[int], prev_predictions: Sequence[Sequence[Any]]

@@ -189,5 +189,29 @@ def core_worker(rank: int, world: int) -> dict[str, Any]:
         results["length_mismatch"] = None
     except RuntimeError as err:
         results["length_mismatch"] = str(err)
+
+    # The same without the check (the default): the fingerprint at each generation's start still makes
+    # every rank fail together, naming what differs, instead of one rank succeeding.
+    for key, config, steps in (
+        ("start_config", CONFIGS["seed"] if rank != 1 else CONFIGS["seed_loose"], STEPS),
+        ("start_steps", CONFIGS["seed"], STEPS if rank != 0 else STEPS - 1),
+    ):
+        cache = VelocityCache(config, process_group=group)
+        started = time.monotonic()
+        try:
+            with cache.generation(steps):
+                for v in whole[:steps]:
+                    cache.step(lambda v=v: local_part(v, where))
+            results[key] = None
+        except RuntimeError as err:
+            results[key] = str(err)
+        results[key + "_s"] = time.monotonic() - started
+    # ...and a rank whose own arguments are refused stops every rank at the start.
+    cache = VelocityCache(StepCacheConfig(static_run_steps=(0, 1, 12)), process_group=group)
+    try:
+        cache.reset(STEPS if rank != 0 else 8)  # rank 0's schedule runs past its end: a local ValueError
+        results["start_refused"] = None
+    except (RuntimeError, ValueError) as err:
+        results["start_refused"] = f"{type(err).__name__}: {err}"
     dist.barrier()
     return results

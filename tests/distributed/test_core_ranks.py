@@ -101,8 +101,8 @@ def test_a_rank_with_another_config_fails_fast_naming_the_step_and_the_ranks(ran
     for result in ranks:
         message = result["mismatch"]
         assert message is not None
-        assert "disagree at step 0" in message
-        assert "config_crc32" in message and "rank 1:" in message and "rank 0:" in message
+        assert "disagree at the start of a generation" in message
+        assert "differing: config (" in message and "rank 1:" in message and "rank 0:" in message
         assert result["mismatch_s"] < 10.0  # a check, not a collective timeout (30 s)
     assert len({result["mismatch"] for result in ranks}) == 1  # every rank raises the same error
 
@@ -110,4 +110,31 @@ def test_a_rank_with_another_config_fails_fast_naming_the_step_and_the_ranks(ran
 def test_a_rank_with_another_generation_length_fails_fast(ranks) -> None:
     for result in ranks:
         assert result["length_mismatch"] is not None
-        assert "num_steps rank 0: 15, rank 1: 16" in result["length_mismatch"]
+        assert "step count (rank 0: 15, rank 1: 16" in result["length_mismatch"]
+
+
+def test_without_the_check_a_rank_with_another_config_fails_every_rank_at_the_generation_start(ranks) -> None:
+    for result in ranks:
+        message = result["start_config"]
+        assert message is not None, "a rank with another config succeeded"
+        assert "disagree at the start of a generation" in message
+        assert "differing: config (rank 0:" in message and "step count" not in message
+        assert "sim_thresholds: rank 0: (0.95, 0.93), rank 1: (0.9, 0.85)" in message
+        assert result["start_config_s"] < 10.0  # the fingerprint, not a collective timeout (30 s)
+    assert len({result["start_config"] for result in ranks}) == 1
+
+
+def test_without_the_check_a_rank_with_another_step_count_fails_every_rank_at_the_generation_start(ranks) -> None:
+    for result in ranks:
+        message = result["start_steps"]
+        assert message is not None, "a rank with another step count succeeded"
+        assert "differing: step count (rank 0: 15, rank 1: 16" in message and "config" not in message.split(
+            "differing:")[1].split(".")[0]
+        assert result["start_steps_s"] < 10.0
+    assert len({result["start_steps"] for result in ranks}) == 1
+
+
+def test_a_rank_that_refuses_its_generation_stops_every_rank_at_the_start(ranks) -> None:
+    assert ranks[0]["start_refused"].startswith("ValueError")
+    for result in ranks[1:]:
+        assert "rank(s) [0] refused the arguments of this generation" in result["start_refused"]
