@@ -609,7 +609,9 @@ class Omni:
 
             self._owns_process_group = False
             if dist.is_initialized():
-                if together:
+                dit = getattr(getattr(self, "pipeline", None), "dit", None)
+                broken = dit is not None and dit.groups.health.broken is not None
+                if together and not broken:  # a broken group's barrier could pair with a stale collective
                     dist.barrier()
                 dist.destroy_process_group()
 

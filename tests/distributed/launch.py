@@ -21,17 +21,18 @@ COLLECTIVE_TIMEOUT_S = 30.0
 
 
 def run_ranks(
-    worker: Callable[..., Any], world_size: int, workdir: Path, *args: Any, timeout_s: float = 90.0
+    worker: Callable[..., Any], world_size: int, workdir: Path, *args: Any, timeout_s: float = 90.0,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
 ) -> list[Any]:
     """``worker(rank, world_size, *args)`` on ``world_size`` spawned ranks of a gloo process group (the
-    default group); returns what each rank's worker returned, by rank. ``worker`` must be a module-level
-    function (it is pickled by name)."""
+    default group, its collectives' timeout ``collective_timeout_s``); returns what each rank's worker
+    returned, by rank. ``worker`` must be a module-level function (it is pickled by name)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rendezvous = workdir / f"rendezvous-{time.monotonic_ns()}"
     context = mp.start_processes(
-        _rank_main, args=(worker, world_size, str(rendezvous), str(workdir), args), nprocs=world_size,
-        join=False, start_method="spawn",
+        _rank_main, args=(worker, world_size, str(rendezvous), str(workdir), args, collective_timeout_s),
+        nprocs=world_size, join=False, start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
     try:
@@ -47,20 +48,24 @@ def run_ranks(
 
 
 def _rank_main(
-    rank: int, worker: Callable[..., Any], world_size: int, rendezvous: str, workdir: str, args: tuple[Any, ...]
+    rank: int, worker: Callable[..., Any], world_size: int, rendezvous: str, workdir: str, args: tuple[Any, ...],
+    collective_timeout_s: float,
 ) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # the machine has 2 cores for several ranks
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=collective_timeout_s),
     )
+    # The launcher's own group: the end's barrier still works after a worker left the default group
+    # unusable on purpose (a collective that timed out closes gloo's connections of that group).
+    finished = dist.new_group(backend="gloo")
     try:
         result = worker(rank, world_size, *args)
         torch.save(result, Path(workdir) / f"rank{rank}.pt")
         # Every rank done before any tears gloo down: without this, a rank sometimes aborted at exit
         # ("terminate called without an active exception", SIGABRT) in the benchmark's jobs.
-        dist.barrier()
+        dist.barrier(group=finished)
     finally:
         dist.destroy_process_group()

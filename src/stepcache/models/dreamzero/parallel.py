@@ -46,7 +46,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -203,6 +203,34 @@ def ranks_agree(values: Mapping[str, int], group: Any, what: str, *, ok: bool = 
         )
 
 
+# A rank's outcome of one chunk, as the ranks agree on it (agree_on_outcome).
+SUCCEEDED, FAILED_AFTER_COLLECTIVES, FAILED_IN_COLLECTIVES = 0, 1, 2
+
+
+class GroupBrokenError(RuntimeError):
+    """The ranks can no longer be trusted to pair their collectives alike: restart the group."""
+
+
+class ChunkFailedOnRankError(RuntimeError):
+    """A chunk failed on another rank; every rank rolled it back and the group can go on."""
+
+
+@dataclass
+class GroupHealth:
+    """Whether a replica's groups can still run chunks (shared by every pipeline built on them)."""
+
+    broken: str | None = None
+
+    def check(self) -> None:
+        """Refuse (before any collective) once the group is broken."""
+        if self.broken is not None:
+            raise GroupBrokenError(
+                f"the process group cannot run chunks any more: {self.broken}. After that its ranks may pair "
+                "their collectives wrongly (a hang or an abort), so every further chunk is refused: restart the "
+                "group (close the Omni or pipeline on every rank and start the torchrun job again)"
+            )
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     """The process groups of one model replica.
@@ -213,11 +241,17 @@ class ParallelGroups:
         sp_group: the ranks that share one branch's video tokens, or None (no sequence parallelism).
         cfg_group: the two ranks that hold the same token share of the two CFG branches (group rank 0:
             conditional), or None (both branches on one rank).
+        agreement_group: every rank of the replica again, on gloo, with a longer timeout than the
+            others: the ranks agree there on each chunk's outcome (:func:`agree_on_outcome`); a rank
+            that failed mid-chunk waits there, where no forward collective of a peer can pair with it.
+        health: whether these groups can still run chunks.
     """
 
     model_group: Any
     sp_group: Any = None
     cfg_group: Any = None
+    agreement_group: Any = None
+    health: GroupHealth = field(default_factory=GroupHealth, compare=False)
 
     @classmethod
     def create(cls, *, cfg_parallel: int = 1, sequence_parallel: int = 1) -> ParallelGroups:
@@ -259,7 +293,80 @@ class ParallelGroups:
                     group = dist.new_group(ranks)
                     if rank in ranks:
                         cfg_group = group
-        return cls(model_group=whole, sp_group=sp_group, cfg_group=cfg_group)
+        # Longer than the other groups' timeout: a rank that failed waits here while its peers wait, up to
+        # that timeout, for it in a forward's collective, and then join it here.
+        agreement_s = 2 * _group_timeout_s(whole) + 30
+        agreement = dist.new_group(list(range(world)), backend="gloo",
+                                   timeout=datetime.timedelta(seconds=agreement_s))
+        return cls(model_group=whole, sp_group=sp_group, cfg_group=cfg_group, agreement_group=agreement)
+
+
+def _group_timeout_s(group: Any) -> float:
+    """The collectives' timeout of ``group`` (torch keeps it on the backend's options, a private
+    attribute: the default of 30 minutes when it cannot be read)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    device = torch.device("cuda" if backend == "nccl" else "cpu")
+    try:
+        return float(group._get_backend(device).options._timeout.total_seconds())
+    except (AttributeError, RuntimeError):
+        return 1800.0
+
+
+def _summary(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def agree_on_outcome(groups: ParallelGroups, status: int, error: BaseException | None,
+                     what: str = "the chunk") -> None:
+    """Every rank's outcome of ``what`` (one ``all_gather`` of an int64 on the agreement group; the
+    failures' one-line summaries gathered too when some rank failed). Returns when every rank succeeded.
+
+    Raises, on every rank:
+        GroupBrokenError: some rank failed while collectives were pending (its peers may have waited
+            for it in one, and timed out), or the agreement itself failed (a rank died, hangs or left);
+            the groups are marked broken, so every later chunk is refused.
+        the rank's own ``error`` (with a note naming the failing ranks) on a rank that failed after all
+            of its collectives, :class:`ChunkFailedOnRankError` on the others: every rank rolls back and
+            the group can go on.
+    """
+    import torch.distributed as dist
+
+    group = groups.agreement_group
+    try:
+        world = dist.get_world_size(group)
+        mine = torch.tensor([status], dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group)
+        statuses = [int(g) for g in gathered]
+        if not any(statuses):
+            return
+        summaries: list[Any] = [None] * world
+        dist.all_gather_object(summaries, None if error is None else _summary(error), group=group)
+    except Exception as agreement_error:
+        groups.health.broken = (f"the ranks could not agree on the outcome of {what} ({_summary(agreement_error)}; "
+                                "a rank died, hangs or left)")
+        if error is not None:
+            groups.health.broken += f"; this rank had failed with {_summary(error)}"
+        groups.health.check()  # raises
+    ranks = dist.get_process_group_ranks(group)
+    failed = [rank for rank, status_of in zip(ranks, statuses) if status_of]
+    causes = "; ".join(f"rank {rank}: {summary}" for rank, summary, status_of in zip(ranks, summaries, statuses)
+                       if status_of)
+    if FAILED_IN_COLLECTIVES in statuses:
+        groups.health.broken = f"{what} failed on rank(s) {failed} while collectives were pending ({causes})"
+        try:
+            groups.health.check()
+        except GroupBrokenError as broken:
+            raise broken from error
+    message = (f"{what} failed on rank(s) {failed} ({causes}) after its collectives; every rank rolled it back (its "
+               "episode is as it was before it) and the ranks can go on together: retry it on every rank")
+    if error is not None:
+        error.add_note(message)
+        raise error
+    raise ChunkFailedOnRankError(message)
 
 
 class ParallelWorldActionDiT:

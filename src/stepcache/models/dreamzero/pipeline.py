@@ -69,7 +69,16 @@ from diffusers import UniPCMultistepScheduler
 from stepcache import StepCacheState, StepRecord, get_stepcache_state, is_stepcache_active
 from stepcache.integrations.schedulers import SkipAwareStepper
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, KVCache
-from stepcache.models.dreamzero.parallel import ParallelGroups, ParallelWorldActionDiT, fingerprint, ranks_agree
+from stepcache.models.dreamzero.parallel import (
+    FAILED_AFTER_COLLECTIVES,
+    FAILED_IN_COLLECTIVES,
+    SUCCEEDED,
+    ParallelGroups,
+    ParallelWorldActionDiT,
+    agree_on_outcome,
+    fingerprint,
+    ranks_agree,
+)
 from stepcache.models.dreamzero.world import instruction_index
 from stepcache.state import reduce_statistics, signals_from_statistics, velocity_statistics
 
@@ -438,6 +447,7 @@ class ChunkJob:
         self._state_snapshot = _state_snapshot(cache_state)
         self._kv_before_prefill: tuple | None = None
         self._open = True
+        self.collectives_done = False  # several ranks: every collective of the chunk has completed here
         self.callback: Callable[[dict[str, Any]], None] | None = None
         # set by begin_chunk / prefill
         self.instruction_id = 0
@@ -476,8 +486,9 @@ class ChunkJob:
             self.callback({"step": index, "ran": computed, "video_velocity": video_velocity,
                            "action_velocity": action_velocity, "video": self.video, "actions": self.actions})
 
-    def finish(self, decoupled_video_noise: bool) -> ChunkOutput:
-        """The chunk's outputs; the episode moves on (chunk counter) and its context is released."""
+    def finish(self, decoupled_video_noise: bool, *, commit: bool = True) -> ChunkOutput:
+        """The chunk's outputs; the episode moves on (chunk counter) and its context is released
+        (``commit=False``: not yet, until :meth:`commit`; :meth:`rollback` still undoes it)."""
         if not self.done:
             raise RuntimeError(f"the chunk has run {self.step} of its {self.steps} steps")
         final_video = self.video_x0 if decoupled_video_noise else self.video
@@ -490,6 +501,7 @@ class ChunkJob:
             similarities = _successive_similarities(self.computed)
         else:
             similarities = _sharded_successive_similarities(self.computed, self.dit)
+            self.collectives_done = True
         group = self.group
         trace = list(group.cache_state.trace) if group is not None and group.cache_state is not None else []
         result = ChunkOutput(
@@ -506,10 +518,15 @@ class ChunkJob:
             chunk_index=self.context.chunk_index,
             forward_batch_sizes=list(self.forward_batch_sizes),
         )
-        self.context.chunk_index += 1
-        self._close()
+        if commit:
+            self.commit()
         logger.debug("chunk: %d/%d forwards, %.1f ms", result.dit_forwards, self.steps, 1000 * latency)
         return result
+
+    def commit(self) -> None:
+        """The finished chunk counts: the episode moves on and its context is released."""
+        self.context.chunk_index += 1
+        self._close()
 
     def rollback(self) -> None:
         """Undo the chunk: the episode, its noise generator and its StepCache state are as before it."""
@@ -839,6 +856,7 @@ class DreamZeroPipeline:
         if self.dit is None:
             return self._begin_chunk(context, observation, instruction, state, generator, num_inference_steps,
                                      cache_state, callback)
+        self.dit.groups.health.check()  # after a chunk that failed mid-way: refused on every rank, no collective
         job = error = None
         try:
             job = self._begin_chunk(context, observation, instruction, state, generator, num_inference_steps,
@@ -1084,7 +1102,15 @@ class DreamZeroPipeline:
         return self.run_chunk(job)
 
     def run_chunk(self, job: ChunkJob) -> ChunkOutput:
-        """Run a chunk from :meth:`begin_chunk` to the end on its own (rolled back if anything fails)."""
+        """Run a chunk from :meth:`begin_chunk` to the end on its own (rolled back if anything fails).
+
+        On several ranks, the ranks then agree on its outcome (see
+        :func:`~stepcache.models.dreamzero.parallel.agree_on_outcome`): a chunk that failed on any rank
+        fails on every rank, naming it, and is rolled back on every rank; if it failed while collectives
+        were pending, the groups refuse every later chunk (restart the group).
+        """
+        if self.dit is not None:
+            return self._run_parallel_chunk(job)
         try:
             failure = self.prefill([job]).get(job)
             if failure is not None:
@@ -1098,6 +1124,36 @@ class DreamZeroPipeline:
         except BaseException:
             job.rollback()
             raise
+
+    def _run_parallel_chunk(self, job: ChunkJob) -> ChunkOutput:
+        output = error = None
+        try:
+            failure = self.prefill([job]).get(job)
+            if failure is not None:
+                raise failure
+            group = DecisionGroup([job], job.cache_state)
+            while not group.done:
+                failure = self.denoise_step([group]).get(group)
+                if failure is not None:
+                    raise failure
+            output = job.finish(self.config.decoupled_video_noise, commit=False)
+        except Exception as local_error:
+            error = local_error
+        except BaseException:  # interrupted: the peers are left in a collective this rank will not join
+            job.rollback()
+            self.dit.groups.health.broken = "a rank was interrupted in the middle of a chunk"
+            raise
+        if error is None:
+            status = SUCCEEDED
+        else:
+            status = FAILED_AFTER_COLLECTIVES if job.collectives_done else FAILED_IN_COLLECTIVES
+        try:
+            agree_on_outcome(self.dit.groups, status, error)
+        except BaseException:
+            job.rollback()
+            raise
+        job.commit()
+        return output
 
     def _as_batch(self, value: Any, batched_dim: int, name: str, tail: tuple[int, ...]) -> torch.Tensor:
         if value is None:
