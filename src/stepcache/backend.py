@@ -88,7 +88,8 @@ class StepCacheBackend(CacheBackend):
         super().__init__(as_diffusion_cache_config(config))
 
     def enable(self, pipeline: Any, *, process_group: Any = None, check_consistency: bool = False) -> None:
-        """Attach StepCache to ``pipeline`` (once, at load).
+        """Attach StepCache to ``pipeline`` (once, at load). The config's values are checked here, where
+        vLLM-Omni checks them.
 
         Args:
             pipeline: a supported pipeline (see ``CUSTOM_STEPCACHE_ENABLERS``).
@@ -101,10 +102,11 @@ class StepCacheBackend(CacheBackend):
         """
         enabler = _find_enabler(pipeline)
         if enabler is None:
+            # vLLM-Omni's own message comes first: code written against it matches on that text.
             raise ValueError(
-                f"StepCache does not support pipeline {type(pipeline).__name__}; supported pipelines: "
-                f"{sorted(CUSTOM_STEPCACHE_ENABLERS)} (register an enabler in CUSTOM_STEPCACHE_ENABLERS, "
-                "or use stepcache.integrations.diffusers.enable_step_cache for diffusers pipelines)"
+                f"step_cache backend does not support {type(pipeline).__name__}. Supported: "
+                f"{sorted(CUSTOM_STEPCACHE_ENABLERS)}. Register an enabler for it in CUSTOM_STEPCACHE_ENABLERS, "
+                "or use stepcache.integrations.diffusers.enable_step_cache for a diffusers pipeline"
             )
         if check_consistency and process_group is None:
             raise ValueError("check_consistency needs a process_group")

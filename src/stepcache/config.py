@@ -6,9 +6,12 @@ Two configs describe the same choice:
   JSON file or a preset name works too, via :func:`as_diffusion_cache_config`);
 - :class:`StepCacheConfig` is the frozen runtime config the decision rule reads.
 
-Both are validated when they are built, so a bad value fails where it was written, never deep inside
-a denoise loop. Every error names the field (in the caller's own field names), the value given and
-what is allowed.
+:class:`StepCacheConfig` is validated when it is built. :class:`DiffusionCacheConfig` checks only its
+form when built (a mapping, known keys), as vLLM-Omni's does; its values are checked where vLLM-Omni
+checks them, when it is translated (:meth:`StepCacheConfig.from_diffusion_cache_config`, that is at
+``enable`` and at every entry point), and when it is read from a file. Either way a bad value fails
+before any forward. Every error names the field (in the caller's own field names), the value given
+and what is allowed.
 
 The seed's fields (thresholds, countdowns, history lengths) keep the seed's defaults and meaning.
 Every other field is opt-in and defaults to the seed's behaviour; see :class:`StepCacheConfig`.
@@ -114,6 +117,15 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
         return USER_FIELD_NAMES[runtime] if user_names else runtime
 
     out: dict[str, Any] = {}
+    # vLLM-Omni's one check comes first, with its message first: code written against it matches on that text.
+    thresholds = _as_sequence(name("sim_thresholds"), values["sim_thresholds"])
+    countdowns = _as_sequence(name("skip_countdowns"), values["skip_countdowns"])
+    if len(thresholds) != len(countdowns):
+        raise ValueError(
+            f"{name('sim_thresholds')} and {name('skip_countdowns')} must have the same length; "
+            f"got {len(thresholds)} and {len(countdowns)}. One countdown per threshold: thresholds "
+            f"{list(thresholds)}, countdowns {list(countdowns)}"
+        )
     if not isinstance(values["enabled"], bool):
         raise ValueError(f"{name('enabled')} must be True or False, got {values['enabled']!r}")
     out["enabled"] = values["enabled"]
@@ -132,14 +144,6 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
         )
     out["max_history"] = int(max_history)
 
-    thresholds = _as_sequence(name("sim_thresholds"), values["sim_thresholds"])
-    countdowns = _as_sequence(name("skip_countdowns"), values["skip_countdowns"])
-    if len(thresholds) != len(countdowns):
-        raise ValueError(
-            f"{name('sim_thresholds')} and {name('skip_countdowns')} must have the same length (one countdown "
-            f"per threshold), got {len(thresholds)} thresholds {list(thresholds)} and "
-            f"{len(countdowns)} countdowns {list(countdowns)}"
-        )
     for i, threshold in enumerate(thresholds):
         if not _is_real(threshold):
             raise ValueError(f"{name('sim_thresholds')}[{i}] must be a number in (-1, 1], got {threshold!r}")
@@ -374,9 +378,11 @@ class DiffusionCacheConfig:
     """User-facing cache config, with the field names vLLM-Omni uses (and ours in the same style for
     the options the seed does not have; see :class:`StepCacheConfig` for what each one does).
 
-    Validated at construction (errors name these fields). Build it from a dict, a JSON string, a JSON
-    file or a preset name with :func:`as_diffusion_cache_config`; an unknown key is an error, so a
-    typo is never silently ignored.
+    Like vLLM-Omni's, it holds values without checking them: they are checked (errors name these
+    fields) when it is translated to a :class:`StepCacheConfig`, at ``enable`` and at every entry
+    point, so ``get_cache_backend("step_cache", {...})`` accepts what vLLM-Omni's accepts. Build it
+    from a dict, a JSON string, a JSON file or a preset name with :func:`as_diffusion_cache_config`;
+    an unknown key is an error, so a typo is never silently ignored.
 
     Example:
         >>> DiffusionCacheConfig.from_dict('{"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]}')
@@ -401,11 +407,6 @@ class DiffusionCacheConfig:
     velocity_reuse: str = REUSE_CACHED
     velocity_extrapolation_damping: float = 1.0
     step_cache_dit_solver_aware: bool = False
-
-    def __post_init__(self) -> None:
-        values = {RUNTIME_FIELD_NAMES[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for runtime, value in _validated(values, user_names=True).items():
-            setattr(self, USER_FIELD_NAMES[runtime], list(value) if isinstance(value, tuple) else value)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -446,7 +447,9 @@ class DiffusionCacheConfig:
         if isinstance(data, Mapping) and isinstance(data.get("config"), Mapping):
             data = data["config"]  # a calibration report: the config it chose
         try:
-            return cls.from_dict(data)
+            config = cls.from_dict(data)
+            StepCacheConfig.from_diffusion_cache_config(config)  # a file is checked as it is read
+            return config
         except (ValueError, TypeError) as err:
             raise ValueError(f"cache config file {str(path)!r}: {err}") from None
 

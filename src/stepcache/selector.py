@@ -21,8 +21,9 @@ def get_cache_backend(
     """Return the backend called ``name`` (case-insensitive), or None for no cache.
 
     ``name=None`` reads the ``DIFFUSION_CACHE_BACKEND`` environment variable; unset, empty or
-    "none" means no cache. ``cache_config`` is validated here even when it is not used, so a typo
-    fails at once.
+    "none" means no cache. ``cache_config``'s form is checked here even when it is not used (a
+    mapping, JSON, a file or a preset; known keys), so a misspelt key fails at once; its values are
+    checked at ``enable``, where vLLM-Omni checks them (``StepCacheBackend.enable``).
     """
     config = as_diffusion_cache_config(cache_config)
     source = "cache_backend"

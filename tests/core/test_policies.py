@@ -236,7 +236,9 @@ def test_new_fields_validate_with_the_callers_names():
         runtime_name = next(iter(kwargs)) if "static" not in next(iter(kwargs)) else "static_run_steps"
         assert runtime_name in str(err.value) and words.split()[-1] in str(err.value)
         with pytest.raises(ValueError) as err:
-            DiffusionCacheConfig(**{**user, **{USER_FIELD_NAMES[k]: v for k, v in kwargs.items()}})
+            StepCacheConfig.from_diffusion_cache_config(
+                DiffusionCacheConfig(**{**user, **{USER_FIELD_NAMES[k]: v for k, v in kwargs.items()}})
+            )
         assert user_name in str(err.value), str(err.value)
 
 

@@ -112,7 +112,30 @@ def test_backend_supports_subclasses_and_rejects_others():
     StepCacheBackend().enable(TunedDreamZeroPipeline())
     with pytest.raises(ValueError) as err:
         StepCacheBackend().enable(OtherPipeline())
-    assert "OtherPipeline" in str(err.value) and "DreamZeroPipeline" in str(err.value)
+    # vLLM-Omni's message first (code written against it matches on it), then what to do
+    upstream = "step_cache backend does not support OtherPipeline. Supported: ['DreamZeroPipeline']"
+    assert str(err.value).startswith(upstream)
+    assert "CUSTOM_STEPCACHE_ENABLERS" in str(err.value) and "enable_step_cache" in str(err.value)
+
+
+def test_selector_accepts_what_vllm_omni_accepts_and_enable_refuses_what_it_refuses():
+    # vLLM-Omni's DiffusionCacheConfig checks no values: the length mismatch is reported at enable
+    backend = get_cache_backend("step_cache", {"velocity_sim_thresholds": [0.9]})
+    assert isinstance(backend, StepCacheBackend) and backend.config.velocity_sim_thresholds == [0.9]
+    pipeline = DreamZeroPipeline()
+    with pytest.raises(ValueError) as err:
+        backend.enable(pipeline)
+    assert str(err.value).startswith(
+        "velocity_sim_thresholds and velocity_skip_countdowns must have the same length; got 1 and 2."
+    )
+    assert "[0.9]" in str(err.value) and "[4, 2]" in str(err.value)
+    assert not backend.is_enabled() and not is_stepcache_active(pipeline)
+
+
+def test_values_vllm_omni_does_not_check_are_checked_at_enable_too():
+    backend = get_cache_backend("step_cache", {"velocity_sim_thresholds": [1.5], "velocity_skip_countdowns": [2]})
+    with pytest.raises(ValueError, match=r"velocity_sim_thresholds\[0\] must be a cosine similarity in \(-1, 1\]"):
+        backend.enable(DreamZeroPipeline())
 
 
 def test_refresh_before_enable_is_a_clear_error():

@@ -148,10 +148,12 @@ def add_cache_config_argument(parser: argparse.ArgumentParser) -> None:
 
 def checked_cache_config(value: Any, option: str = "--cache-config") -> Any:
     """The :class:`~stepcache.DiffusionCacheConfig` that ``value`` (JSON text, a file path, None) means."""
-    from stepcache.config import as_diffusion_cache_config
+    from stepcache.config import as_diffusion_cache_config, as_step_cache_config
 
     try:
-        return as_diffusion_cache_config(value)
+        config = as_diffusion_cache_config(value)
+        as_step_cache_config(config)  # its values too: a tool fails before any work
+        return config
     except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
         raise UsageError(f"argument {option}: {err}") from None
 
