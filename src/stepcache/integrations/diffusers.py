@@ -78,7 +78,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import json
 import logging
 import os
 import re
@@ -97,6 +96,7 @@ from stepcache.config import (
     DiffusionCacheConfig,
     StepCacheConfig,
     as_diffusion_cache_config,
+    describe_config,
 )
 from stepcache.integrations.schedulers import SkipAwareStepper, check_solver_aware_support
 from stepcache.state import StepCacheState, StepRecord, TraceSummary, _checked_batch_part, extrapolate_prediction
@@ -897,12 +897,8 @@ def _hide_from_diffusers_cache_api(module: torch.nn.Module) -> None:
 
 
 def _config_text(config: StepCacheConfig) -> str:
-    """The config as users write it: JSON of the ``DiffusionCacheConfig`` fields that differ from the
-    defaults."""
-    user = config.to_diffusion_cache_config().to_dict()
-    defaults = DiffusionCacheConfig().to_dict()
-    changed = {key: value for key, value in user.items() if value != defaults[key]}
-    return json.dumps(changed) if changed else "{} (the defaults)"
+    """The fields in force, as users write them (:func:`~stepcache.config.describe_config`)."""
+    return describe_config(config)
 
 
 def _signed_like(original: Any, implementation: Any) -> Any:

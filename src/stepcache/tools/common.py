@@ -160,8 +160,11 @@ def checked_cache_config(value: Any, option: str = "--cache-config") -> Any:
 
 
 def format_cache_config(config: Any) -> str:
-    """One line of JSON, with the user-facing field names (``DiffusionCacheConfig.to_dict()``)."""
-    return json.dumps(config.to_dict())
+    """The fields in force, user-facing names (:func:`~stepcache.config.describe_config`); JSON outputs
+    hold the whole config."""
+    from stepcache.config import describe_config
+
+    return describe_config(config)
 
 
 def package_dir() -> Path:
