@@ -185,7 +185,7 @@ def _shell_commands(block: Block) -> Iterator[list[str]]:
     for line in text.splitlines():
         line = re.sub(r"^\s*\w+=\$\((.*)\)\s*$", r"\1", line)
         command: list[str] = []
-        for word in shlex.split(line, comments=True) + [";"]:
+        for word in [*shlex.split(line, comments=True), ";"]:
             if word in ("&&", "&", "|", ";", "||", ">", "<"):
                 while command and re.match(r"^\w+=", command[0]):
                     command.pop(0)
@@ -222,6 +222,7 @@ def _parse_script_arguments(script: Path, arguments: list[str], monkeypatch: pyt
 
 def _check_command(words: list[str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
+
     import tomllib
 
     head, rest = words[0], words[1:]
