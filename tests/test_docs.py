@@ -171,6 +171,133 @@ def test_command_lines_parse(block: Block, capsys: pytest.CaptureFixture[str]) -
         assert "deprecated" not in warning, f"{block.name}: `stepcache {shlex.join(words)}`: {warning.strip()}"
 
 
+# What a shell block may call by bare name: the shell and tools a POSIX system has. Everything of this
+# project's (stepcache, python with torch, torchrun, pip) is under .venv/bin, which the setup does not put
+# on PATH.
+SYSTEM_TOOLS = {"bash", "cd", "curl", "kill", "wait", "cat", "mkdir", "ls", "python3", "git"}
+_VENV_TOOLS = {"stepcache", "python", "torchrun", "pip"}
+
+
+def _shell_commands(block: Block) -> Iterator[list[str]]:
+    """Every simple command of a shell block, as an argument list: cut at operators, leading ``VAR=value``
+    assignments dropped, the inner command of ``VAR=$(...)`` included."""
+    text = block.code.replace("\\\n", " ")
+    for line in text.splitlines():
+        line = re.sub(r"^\s*\w+=\$\((.*)\)\s*$", r"\1", line)
+        command: list[str] = []
+        for word in [*shlex.split(line, comments=True), ";"]:
+            if word in ("&&", "&", "|", ";", "||", ">", "<"):
+                while command and re.match(r"^\w+=", command[0]):
+                    command.pop(0)
+                if command:
+                    yield command
+                command = [] if word not in (">", "<") else [">"]
+            elif command != [">"]:
+                command.append(word)
+            else:
+                command = ["ignored"]  # a redirection's target
+
+
+class _Parsed(Exception):
+    """A script's argparse parsed its arguments: stop before it does any work."""
+
+
+def _parse_script_arguments(script: Path, arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``script`` only as far as its own ``parse_args`` (which exits on a bad argument)."""
+    import argparse
+    import runpy
+    import sys
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        original(parser, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", [str(script), *arguments])
+    with pytest.raises(_Parsed):
+        runpy.run_path(str(script), run_name="__main__")
+
+
+def _check_command(words: list[str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import tomllib
+
+    head, rest = words[0], words[1:]
+    if head == "ignored":
+        return
+    if head in _VENV_TOOLS:
+        raise AssertionError(f"{where}: `{shlex.join(words)}`: bare {head!r} is not on PATH after the setup; "
+                             f"write .venv/bin/{head}")
+    if "/" not in head:
+        assert head in SYSTEM_TOOLS, f"{where}: `{shlex.join(words)}`: unknown command {head!r}"
+        if head == "bash":
+            assert (ROOT / rest[0]).is_file(), f"{where}: no script {rest[0]}"
+        return
+    assert (ROOT / head).exists() or head.startswith(".venv/bin/"), f"{where}: no {head}"
+    name = Path(head).name
+    if name == "stepcache":
+        return  # test_command_lines_parse parses these
+    if name == "pip":
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        for word in rest:
+            match = re.fullmatch(r"\.\[([\w,]+)\]", word)
+            if match:
+                unknown = set(match[1].split(",")) - set(extras)
+                assert not unknown, f"{where}: `{shlex.join(words)}`: no extra(s) {sorted(unknown)}"
+        return
+    if name == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        torchrun = get_args_parser().parse_args(rest)
+        script, arguments = torchrun.training_script, torchrun.training_script_args
+    elif name == "python":
+        if rest[0] == "-c":
+            compile(rest[1], where, "exec")
+            return
+        if rest[0] == "-m":
+            assert importlib.util.find_spec(rest[1]) is not None, f"{where}: no module {rest[1]}"
+            return
+        script, arguments = rest[0], rest[1:]
+    else:
+        raise AssertionError(f"{where}: `{shlex.join(words)}`: no check for {head}")
+    assert (ROOT / script).is_file(), f"{where}: no script {script}"
+    source = (ROOT / script).read_text()
+    if "argparse" not in source:  # a script without options: it must be given none
+        compile(source, script, "exec")
+        assert not arguments, f"{where}: `{shlex.join(words)}`: {script} takes no arguments"
+        return
+    try:
+        _parse_script_arguments(ROOT / script, arguments, monkeypatch)
+    except SystemExit as exit_info:
+        raise AssertionError(f"{where}: `{shlex.join(words)}` does not parse") from exit_info
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in _all_blocks() if b.language == "bash"], ids=lambda block: block.name
+)
+def test_shell_commands_resolve_and_parse(block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command names an executable where the setup puts it, and a script's arguments parse with
+    its own parser (nothing runs past the parse)."""
+    for words in _shell_commands(block):
+        with monkeypatch.context() as patch:
+            _check_command(words, block.name, patch)
+
+
+def test_shell_command_check_fails_on_what_a_newcomer_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    for words, message in [
+        (["stepcache", "serve"], "bare 'stepcache'"),
+        (["torchrun", "--nproc-per-node", "2", "examples/distributed_loop.py"], "bare 'torchrun'"),
+        ([".venv/bin/pip", "install", "-e", ".[serving]"], "no extra"),
+        ([".venv/bin/python", "examples/distributed_loop.py", "--no-such-option"], "does not parse"),
+        ([".venv/bin/python", "benchmarks/missing.py"], "no script"),
+    ]:
+        with pytest.raises(AssertionError, match=message):
+            _check_command(words, "test", monkeypatch)
+
+
 def test_readme_starts_with_the_two_quick_start_commands() -> None:
     first = next(block for block in code_blocks("README.md"))
     assert first.language == "bash" and first.code == QUICK_START

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
+from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config, describe_config
 from stepcache.state import StepCacheState
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class StepCacheBackend(CacheBackend):
         else:
             enabler(pipeline, self.config, process_group=process_group, check_consistency=check_consistency)
         self.enabled = True
-        logger.debug("stepcache enabled on %s: %s", type(pipeline).__name__, get_stepcache_config(pipeline))
+        logger.debug("stepcache enabled on %s: %s", type(pipeline).__name__, describe_config(self.config))
 
     def refresh(self, pipeline: Any, num_inference_steps: int, verbose: bool = True) -> None:
         state = get_stepcache_state(pipeline)

@@ -518,3 +518,44 @@ def as_step_cache_config(
     if isinstance(value, StepCacheConfig):
         return value
     return StepCacheConfig.from_diffusion_cache_config(as_diffusion_cache_config(value))
+
+
+def describe_config(
+    value: DiffusionCacheConfig | StepCacheConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
+) -> str:
+    """The fields that act, in the user-facing names: one short line whose JSON is itself a valid config.
+
+    A preset is named (``preset balanced: {...}``). Fields the chosen rule ignores (a planned config's
+    thresholds, say) are left out, and so are acting fields at their defaults except the ones that say
+    what the rule is (policy, its budget or thresholds, solver-aware, reuse). Full configs belong in
+    JSON outputs (``to_dict()``).
+    """
+    config = as_step_cache_config(value)
+    user = config.to_diffusion_cache_config().to_dict()
+    defaults = DiffusionCacheConfig().to_dict()
+    if not config.enabled:
+        return json.dumps({"step_cache_dit_enabled": False}) + " (off: every step computed)"
+    if config.static_run_steps is not None:
+        acting = ["static_run_steps"]
+    elif config.policy == SIMILARITY_POLICY:
+        acting = ["policy", "sim_thresholds", "skip_countdowns", "min_history_steps", "max_history"]
+    elif config.policy == ERROR_BUDGET_POLICY:
+        acting = ["policy", "error_budget", "min_history_steps", "max_history"]
+    else:
+        acting = ["policy", "forward_budget" if config.forward_budget is not None else "forward_fraction"]
+    always = {"policy", "sim_thresholds", "skip_countdowns", "error_budget", "forward_budget", "forward_fraction",
+              "static_run_steps", "solver_aware", "reuse"}
+    if config.static_run_steps is None:
+        acting += ["warmup_steps", "final_steps", "max_skip_steps"]
+    acting += ["solver_aware", "reuse"]
+    if config.reuse == REUSE_EXTRAPOLATE:
+        acting.append("extrapolation_damping")
+    shown = {
+        USER_FIELD_NAMES[name]: user[USER_FIELD_NAMES[name]]
+        for name in acting
+        if name in always or user[USER_FIELD_NAMES[name]] != defaults[USER_FIELD_NAMES[name]]
+    }
+    text = json.dumps(shown)
+    preset = next((name for name, fields in PRESETS.items()
+                   if StepCacheConfig.from_diffusion_cache_config(DiffusionCacheConfig.preset(name)) == config), None)
+    return f"preset {preset}: {text}" if preset else text

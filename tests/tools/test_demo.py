@@ -35,10 +35,13 @@ def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
     assert demo.run(args) == 0
     printed = capsys.readouterr().out
     assert "| run" in printed and "step_cache" in printed and "speedup" in printed
-    assert "cache config {" in printed and '"velocity_sim_thresholds": [0.95, 0.93]' in printed  # user-facing names
+    config_line = next(line for line in printed.splitlines() if "cache config" in line)
+    assert "preset seed: {" in config_line and '"velocity_sim_thresholds": [0.95, 0.93]' in config_line
+    assert "step_cache_dit_forward_fraction" not in config_line and len(config_line) < 250  # only what acts
     assert (tmp_path / "out" / "episode.png").stat().st_size > 0
     assert (tmp_path / "out" / "similarity.png").stat().st_size > 0
     data = json.loads(json_path.read_text())
+    assert len(data["runs"]["step_cache"]["cache_config"]) == 16  # the whole config in the JSON output
     assert data["model"] == str(model_dir) and data["episodes"] == 1
     run_keys = {"stepcache", "torch", "diffusers", "python", "device", "torch_threads", "command", "date"}
     assert run_keys <= set(data["run"])

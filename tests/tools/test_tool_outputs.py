@@ -59,3 +59,12 @@ def test_out_naming_a_file_still_works_with_a_deprecation_note(tmp_path, capsys)
     assert args.config_path == tmp_path / "cal.json"
     err = capsys.readouterr().err
     assert err.count("deprecated") == 2 and "--out is a folder" in err
+
+
+def test_generate_defaults_to_the_recommended_preset_and_the_seed_is_one_flag_away(tmp_path):
+    from stepcache import DiffusionCacheConfig
+
+    args = _parse(generate, ["generate", "--out", str(tmp_path)])
+    assert args.cache_config == DiffusionCacheConfig.preset("balanced")
+    args = _parse(generate, ["generate", "--out", str(tmp_path), "--cache-config", "seed"])
+    assert args.cache_config == DiffusionCacheConfig()

@@ -4,7 +4,7 @@ Usage (see docs/diffusers.md)::
 
     from stepcache.integrations.diffusers import disable_step_cache, enable_step_cache, get_step_cache_stats
 
-    enable_step_cache(pipe)                     # or enable_step_cache(pipe, config)
+    enable_step_cache(pipe)                     # the "balanced" preset; or enable_step_cache(pipe, config)
     video = pipe(prompt, num_inference_steps=16).frames[0]
     print(get_step_cache_stats(pipe).summary())  # stepcache: 4/16 steps computed, 12 skipped [RR....R....R....] ...
     disable_step_cache(pipe)                    # the pipeline's own behaviour, exactly
@@ -78,7 +78,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import json
 import logging
 import os
 import re
@@ -90,7 +89,15 @@ from typing import Any
 
 import torch
 
-from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
+from stepcache.config import (
+    RECOMMENDED_PRESET,
+    RUNTIME_FIELD_NAMES,
+    USER_FIELD_NAMES,
+    DiffusionCacheConfig,
+    StepCacheConfig,
+    as_diffusion_cache_config,
+    describe_config,
+)
 from stepcache.integrations.schedulers import SkipAwareStepper, check_solver_aware_support
 from stepcache.state import StepCacheState, StepRecord, TraceSummary, _checked_batch_part, extrapolate_prediction
 
@@ -656,6 +663,7 @@ def enable_step_cache(
     process_group: Any = None,
     check_consistency: bool = False,
     batch_part: tuple[int, int] | None = None,
+    **fields: Any,
 ) -> None:
     """Make a diffusers pipeline skip whole transformer forwards while its velocities stay aligned.
 
@@ -667,8 +675,10 @@ def enable_step_cache(
             module itself.
         config: a :class:`~stepcache.StepCacheConfig`, or anything
             :func:`~stepcache.as_diffusion_cache_config` accepts (a :class:`~stepcache.DiffusionCacheConfig`,
-            a dict or JSON string of its fields, a path to a saved config, a preset name, or None for the
-            defaults: thresholds (0.95, 0.93), countdowns (4, 2)).
+            a dict or JSON string of its fields, a path to a saved config, or a preset name). None: on a
+            pipeline, the recommended preset (``"balanced"``, :data:`~stepcache.config.RECOMMENDED_PRESET`);
+            on a bare transformer module, which has no scheduler to plan with, the seed's rule (thresholds
+            (0.95, 0.93), countdowns (4, 2)).
         timestep_arg: the name of the denoiser's timestep argument, read to find scheduler steps. None:
             the first of ``timestep``, ``timesteps`` (HiDream), ``t`` (Z-Image) that its ``forward`` takes.
         process_group: a ``torch.distributed`` group whose ranks each hold part of what the hooked
@@ -683,6 +693,9 @@ def enable_step_cache(
             rank's calls are the ``index``-th of ``count`` parts of the single-process batch of branches
             (e.g. ``(0, 2)`` on the rank that runs "cond", ``(1, 2)`` on the one that runs "uncond");
             see :class:`~stepcache.StepCacheState`.
+        **fields: config fields by their user-facing names (``step_cache_dit_forward_budget=6``) or
+            their short runtime names (``policy="planned"``, ``forward_budget=6``). With ``config`` they
+            override its fields; without it they are the whole config (the seed's defaults for the rest).
 
     Enabling it again with the same config and options is a no-op (a second pipeline that shares the
     transformer gets its scheduler watched). Another config is refused, as diffusers refuses a second
@@ -698,14 +711,18 @@ def enable_step_cache(
 
     Example::
 
+        enable_step_cache(pipe)                                          # the "balanced" preset
+        enable_step_cache(pipe, policy="planned", forward_budget=4)      # fields as keywords
         enable_step_cache(pipe, {"velocity_sim_thresholds": [0.97], "velocity_skip_countdowns": [2]})
     """
     _warn_if_untested_diffusers()
-    step_config = _as_step_cache_config(config)
-    denoisers = _denoisers(pipe_or_transformer)
     scheduler = None if isinstance(pipe_or_transformer, torch.nn.Module) else getattr(
         pipe_or_transformer, "scheduler", None
     )
+    if config is None and not fields and scheduler is not None:
+        config = RECOMMENDED_PRESET
+    step_config = _as_step_cache_config(config, fields)
+    denoisers = _denoisers(pipe_or_transformer)
     needs_scheduler = [name for name, on in (("step_cache_dit_final_steps", step_config.final_steps),
                                              ("step_cache_dit_solver_aware", step_config.solver_aware),
                                              ("step_cache_dit_policy 'planned'", step_config.policy == "planned"))
@@ -880,12 +897,8 @@ def _hide_from_diffusers_cache_api(module: torch.nn.Module) -> None:
 
 
 def _config_text(config: StepCacheConfig) -> str:
-    """The config as users write it: JSON of the ``DiffusionCacheConfig`` fields that differ from the
-    defaults."""
-    user = config.to_diffusion_cache_config().to_dict()
-    defaults = DiffusionCacheConfig().to_dict()
-    changed = {key: value for key, value in user.items() if value != defaults[key]}
-    return json.dumps(changed) if changed else "{} (the defaults)"
+    """The fields in force, as users write them (:func:`~stepcache.config.describe_config`)."""
+    return describe_config(config)
 
 
 def _signed_like(original: Any, implementation: Any) -> Any:
@@ -961,7 +974,9 @@ def _clone_output(output: Any) -> Any:
     return output
 
 
-def _as_step_cache_config(config: Any) -> StepCacheConfig:
+def _as_step_cache_config(config: Any, fields: Mapping[str, Any] | None = None) -> StepCacheConfig:
+    if fields:
+        return StepCacheConfig.from_diffusion_cache_config(_with_fields(config, fields))
     if isinstance(config, StepCacheConfig):
         return config
     if config is not None and not isinstance(config, (DiffusionCacheConfig, Mapping, str, os.PathLike)):
@@ -970,6 +985,25 @@ def _as_step_cache_config(config: Any) -> StepCacheConfig:
             f"path to a saved config, a preset name, or None; got {type(config).__name__}: {config!r}"
         )
     return StepCacheConfig.from_diffusion_cache_config(as_diffusion_cache_config(config))
+
+
+def _with_fields(config: Any, fields: Mapping[str, Any]) -> DiffusionCacheConfig:
+    """``config`` (None: the seed's defaults) with ``fields`` (user-facing or runtime names) overridden."""
+    user_fields: dict[str, Any] = {}
+    for name, value in fields.items():
+        user = name if name in RUNTIME_FIELD_NAMES else USER_FIELD_NAMES.get(name)
+        if user is None:
+            raise TypeError(
+                f"enable_step_cache() got an unexpected keyword argument {name!r}; config fields are "
+                f"{sorted(RUNTIME_FIELD_NAMES)} (or their short names {sorted(USER_FIELD_NAMES)})"
+            )
+        if user in user_fields:
+            raise TypeError(
+                f"enable_step_cache() got {user!r} twice (as {user!r} and as {RUNTIME_FIELD_NAMES[user]!r})"
+            )
+        user_fields[user] = value
+    base = _as_step_cache_config(config).to_diffusion_cache_config()
+    return DiffusionCacheConfig.from_dict({**base.to_dict(), **user_fields})
 
 
 def _denoisers(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:

@@ -130,16 +130,19 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cache_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_cache_config_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--cache-config``; ``default`` a preset name (None: the seed's defaults)."""
     from stepcache.config import PRESETS
 
+    # A preset default shows through HelpFormatter's "(default: X)"; None needs saying in words.
+    default_text = "" if default else "; default: StepCache's defaults (DreamZero's)"
     parser.add_argument(
         "--cache-config",
-        default=None,
+        default=default,
         metavar="JSON|PATH",
         help='StepCache settings (DiffusionCacheConfig fields) as a JSON object, e.g. \'{"velocity_sim_thresholds": '
         '[0.97], "velocity_skip_countdowns": [2]}\', the path of a JSON file (what calibrate writes) or a preset '
-        f"name ({', '.join(PRESETS)}); default: StepCache's defaults (DreamZero's)",
+        f"name ({', '.join(PRESETS)}){default_text}",
     )
 
 
@@ -159,8 +162,11 @@ def checked_cache_config(value: Any, option: str = "--cache-config") -> Any:
 
 
 def format_cache_config(config: Any) -> str:
-    """One line of JSON, with the user-facing field names (``DiffusionCacheConfig.to_dict()``)."""
-    return json.dumps(config.to_dict())
+    """The fields in force, user-facing names (:func:`~stepcache.config.describe_config`); JSON outputs
+    hold the whole config."""
+    from stepcache.config import describe_config
+
+    return describe_config(config)
 
 
 def package_dir() -> Path:

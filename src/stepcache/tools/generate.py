@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepcache.config import RECOMMENDED_PRESET
 from stepcache.tools.common import (
     UsageError,
     add_cache_config_argument,
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="denoising (scheduler) steps (default: the model's, 16)")
     parser.add_argument("--guidance-scale", type=nonnegative_float, default=None, metavar="S",
                         help="CFG scale (default: the model's)")
-    add_cache_config_argument(parser)
+    add_cache_config_argument(parser, default=RECOMMENDED_PRESET)
     parser.add_argument("--repeats", type=positive_int, default=1, metavar="N", help="timed runs per setting; median")
     parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                         help="folder for the PNG (named MODEL-stepcache.png)")
