@@ -50,6 +50,26 @@ def test_explicit_cache_backend_overrides_the_environment(monkeypatch, model_dir
     assert is_stepcache_active(Omni(model=model_dir, cache_backend="step_cache").pipeline)
 
 
+@pytest.mark.parametrize("env", [None, "none"])
+def test_a_cache_config_without_a_backend_runs_step_cache(monkeypatch, model_dir, env):
+    if env is None:
+        monkeypatch.delenv(CACHE_BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CACHE_BACKEND_ENV, env)
+    omni = Omni(model=model_dir, cache_config="fast")
+    assert is_stepcache_active(omni.pipeline) and omni.cache_backend_name == "step_cache"
+    assert omni.cache_backend.config.to_dict() == Omni(model_dir, "step_cache", "fast").cache_backend.config.to_dict()
+    world = ReachingWorld()
+    frame, state = world.reset(0)
+    assert omni.generate(frame, world.instruction, state).stats.dit_forwards < omni.num_inference_steps
+
+
+@pytest.mark.parametrize("backend", [None, "none", " NONE "])
+def test_a_cache_config_with_no_cache_is_refused(model_dir, backend):
+    with pytest.raises(ValueError, match=r"cache_config was given with .*pass cache_backend='step_cache'"):
+        Omni(model=model_dir, cache_backend=backend, cache_config="fast")
+
+
 def test_bad_backend_or_config_is_a_value_error(monkeypatch, model_dir):
     with pytest.raises(ValueError, match="unknown cache_backend 'teacache'"):
         Omni(model=model_dir, cache_backend="teacache")

@@ -21,10 +21,11 @@ On several ranks (launched with ``torchrun``), ``Omni(..., parallel={"cfg_parall
 script, makes the same calls in the same order, and gets the same outputs; chunks then run one at a
 time in the calling thread (no batching across sessions).
 
-Without ``cache_backend``, the ``DIFFUSION_CACHE_BACKEND`` environment variable decides (unset,
-empty or "none": no cache); ``cache_backend=None`` or ``"none"`` runs every step whatever the
-environment says. The backend's ``enable(pipeline)`` runs once here, its ``refresh`` before every
-chunk of the implicit session (explicit sessions reset their own state per chunk).
+A ``cache_config`` implies ``cache_backend="step_cache"``; with neither, the ``DIFFUSION_CACHE_BACKEND``
+environment variable decides (unset, empty or "none": no cache); ``cache_backend=None`` or ``"none"``
+runs every step whatever the environment says, and refuses a ``cache_config``. The backend's
+``enable(pipeline)`` runs once here, its ``refresh`` before every chunk of the implicit session
+(explicit sessions reset their own state per chunk).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from stepcache.backend import CacheBackend, get_stepcache_config, get_stepcache_state
-from stepcache.selector import get_cache_backend
+from stepcache.selector import NO_CACHE_NAMES, get_cache_backend
 from stepcache.state import StepCacheState, schedule_string
 
 logger = logging.getLogger(__name__)
@@ -338,6 +339,21 @@ class Session:
         return f"Session({self.id!r}, {state}, chunk {self.chunk_index})"
 
 
+def _backend_name(cache_backend: Any, cache_config: Any) -> str | None:
+    """The backend ``Omni`` asks the selector for. A ``cache_config`` asks for a cache: without
+    ``cache_backend`` it means ``"step_cache"`` (whatever ``DIFFUSION_CACHE_BACKEND`` says), and with
+    ``cache_backend=None``/``"none"`` it is refused rather than silently unused."""
+    if cache_backend is NOT_GIVEN:
+        return None if cache_config is None else "step_cache"  # None: DIFFUSION_CACHE_BACKEND decides
+    name = "none" if cache_backend is None else cache_backend
+    if cache_config is not None and isinstance(name, str) and name.strip().lower() in NO_CACHE_NAMES:
+        raise ValueError(
+            f"cache_config was given with cache_backend={cache_backend!r}, which runs no cache: pass "
+            "cache_backend='step_cache' to use the config, or leave cache_config out to run every step"
+        )
+    return name
+
+
 def _check_model(model: Any) -> str | Path:
     if isinstance(model, bool) or not isinstance(model, (str, os.PathLike)):
         raise ValueError(
@@ -466,8 +482,10 @@ class Omni:
         model: ``"dreamzero-mini"`` (bundled) or a directory holding ``config.json`` and
             ``model.safetensors``.
         cache_backend: ``"step_cache"`` (or ``"stepcache"``, ``"step_cache_dit"``), ``None``/``"none"``
-            for no cache; not given: the ``DIFFUSION_CACHE_BACKEND`` environment variable.
-        cache_config: ``DiffusionCacheConfig``, a dict or JSON string of its fields, or None (defaults).
+            for no cache; not given: ``"step_cache"`` when ``cache_config`` is given, else the
+            ``DIFFUSION_CACHE_BACKEND`` environment variable.
+        cache_config: ``DiffusionCacheConfig``, a dict or JSON string of its fields, a preset name, or
+            None (the seed's defaults when the backend is ``step_cache``); refused with no cache.
         pipeline_config: a :class:`DreamZeroPipelineConfig` or a dict of its fields (steps, CFG scale,
             decoupled noise, ...).
         seed: seeds the noise of the implicit session's chunks; :meth:`start_episode` can reseed.
@@ -509,10 +527,7 @@ class Omni:
             device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"device: {error}") from None
-        if cache_backend is NOT_GIVEN:
-            backend = get_cache_backend(None, cache_config)  # reads DIFFUSION_CACHE_BACKEND
-        else:
-            backend = get_cache_backend("none" if cache_backend is None else cache_backend, cache_config)
+        backend = get_cache_backend(_backend_name(cache_backend, cache_config), cache_config)
         self.model = model
         self.cache_backend: CacheBackend | None = backend
         self.cache_backend_name = "none" if backend is None else "step_cache"

@@ -229,3 +229,175 @@ def test_responses_are_not_held_back_by_nagles_algorithm(served):
         client.get("/health")
         times.append(time.perf_counter() - start)
     assert float(np.median(times)) < 0.03
+
+
+# -- hostile and malformed requests ------------------------------------------------------------------
+
+
+def _raw(client, url: str, text: str):
+    return client.post(url, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def _chunk_text(**raw_fields: str) -> str:
+    """A chunk request as JSON text, with some fields replaced by raw JSON tokens (NaN, 1e999, ...)."""
+    import json
+
+    body = _observation()
+    parts = [f'"{key}": {raw_fields.pop(key) if key in raw_fields else json.dumps(value)}'
+             for key, value in body.items()]
+    parts += [f'"{key}": {token}' for key, token in raw_fields.items()]
+    return "{" + ", ".join(parts) + "}"
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize("field", ["frame", "state", "instruction", "return_frames"])
+def test_nan_or_infinity_in_a_chunk_is_a_422_naming_the_field(served, token, field):
+    client = served
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    try:
+        rows = ["[" + ", ".join([token] + ["0.0"] * 31) + "]"] + ["[" + ", ".join(["0.0"] * 32) + "]"] * 31
+        value = {"frame": "[" + ", ".join(rows) + "]", "state": f"[0.5, {token}]"}.get(field, token)
+        response = _raw(client, f"/sessions/{session_id}/chunks", _chunk_text(**{field: value}))
+        assert response.status_code == 422, response.text
+        assert field in response.json()["detail"][0]["loc"]
+        assert client.get(f"/sessions/{session_id}").json()["chunk_index"] == 0
+    finally:
+        client.delete(f"/sessions/{session_id}")
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1" * 5000, "-" + "9" * 5000])
+def test_nan_infinity_or_a_huge_seed_at_open_and_reset_is_a_422_naming_seed(served, token):
+    client = served
+    response = _raw(client, "/sessions", f'{{"seed": {token}}}')
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "seed"] and len(response.text) < 2000
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    try:
+        response = _raw(client, f"/sessions/{session_id}/reset", f'{{"seed": {token}}}')
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "seed"]
+    finally:
+        client.delete(f"/sessions/{session_id}")
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"state": ["0.5", True]}, "state"),
+    ({"state": [0.5, "0.5"]}, "state"),
+    ({"state": [True, 0.5]}, "state"),
+    ({"frame": [["0.5"] * 32] * 32}, "frame"),
+    ({"frame": [[False] * 32] * 32}, "frame"),
+])
+def test_frame_and_state_are_strict_numbers(served, changes, field):
+    client = served
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    try:
+        response = client.post(f"/sessions/{session_id}/chunks", json=_observation(**changes))
+        assert response.status_code == 422, response.text
+        assert field in response.json()["detail"][0]["loc"]
+    finally:
+        client.delete(f"/sessions/{session_id}")
+
+
+def test_a_422_lists_a_bounded_number_of_errors(served):
+    client = served
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    try:
+        response = client.post(f"/sessions/{session_id}/chunks", json=_observation(frame=[0.0] * 1024))
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert "frame" in detail[0]["loc"] and len(detail) <= 11 and len(response.content) < 4000
+        assert "1014 more errors" in detail[-1]["msg"]
+    finally:
+        client.delete(f"/sessions/{session_id}")
+
+
+def test_a_state_outside_the_trained_range_is_refused_naming_it(served):
+    client = served
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    try:
+        response = client.post(f"/sessions/{session_id}/chunks", json=_observation(state=[1e30, 1e30]))
+        assert response.status_code == 422 and "state" in response.json()["detail"][0]["loc"]
+        assert "[0.0, 1.0]" in response.json()["detail"][0]["msg"]
+        assert client.get(f"/sessions/{session_id}").json()["chunk_index"] == 0
+        assert client.get("/health").json()["inputs"]["state"] == {"shape": [2], "range": [0.0, 1.0]}
+    finally:
+        client.delete(f"/sessions/{session_id}")
+
+
+def test_a_non_finite_chunk_is_a_500_never_served_and_rolled_back(tiny_dir):
+    omni = Omni(tiny_dir, cache_backend=None)
+    model = omni.pipeline.transformer
+    original = model.forward
+    poisoned = {"on": True}
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if poisoned["on"] and hasattr(out, "action"):
+            out.action = out.action * float("nan")
+        return out
+
+    model.forward = forward
+    with ServerThread(create_app(omni)) as server, httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        session_id = client.post("/sessions", json={}).json()["session_id"]
+        response = client.post(f"/sessions/{session_id}/chunks", json=_observation())
+        assert response.status_code == 500 and "not finite" in response.json()["detail"]
+        assert client.get(f"/sessions/{session_id}").json()["chunk_index"] == 0
+        poisoned["on"] = False
+        response = client.post(f"/sessions/{session_id}/chunks", json=_observation())
+        assert response.status_code == 200 and response.json()["stats"]["chunk_index"] == 0
+
+
+def test_an_unknown_session_404_says_why_and_what_to_do(served):
+    detail = served.get("/sessions/gone").json()["detail"]
+    assert "closed, expired, or lost when the server restarted" in detail and "POST /sessions" in detail
+
+
+@pytest.fixture()
+def limited(tiny_dir, monkeypatch):
+    """A server refusing bodies above 10,000 bytes, and a count of the bodies it parsed."""
+    from stepcache.serving import server as server_module
+
+    parsed = []
+    original = server_module._parse_json
+
+    def counting(raw):
+        parsed.append(len(raw))
+        return original(raw)
+
+    monkeypatch.setattr(server_module, "_parse_json", counting)
+    omni = Omni(tiny_dir, cache_backend=None)
+    with ServerThread(create_app(omni, max_request_bytes=10_000)) as server, \
+            httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        yield client, parsed
+
+
+def test_an_oversized_body_is_a_413_before_it_is_parsed(limited):
+    client, parsed = limited
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    parsed.clear()
+    assert client.post(f"/sessions/{session_id}/chunks", json=_observation()).status_code == 200  # ~5 KB
+    assert len(parsed) == 1
+    big = _observation(padding="x" * 20_000)
+    for url in (f"/sessions/{session_id}/chunks", "/sessions", f"/sessions/{session_id}/reset"):
+        response = client.post(url, json=big)
+        assert response.status_code == 413 and "10000 bytes" in response.json()["detail"], response.text
+    assert len(parsed) == 1
+
+
+def test_an_oversized_streamed_body_without_content_length_is_a_413(limited):
+    client, parsed = limited
+    session_id = client.post("/sessions", json={}).json()["session_id"]
+    parsed.clear()
+    sent = []
+
+    def body():
+        yield b'{"frame": "'
+        for _ in range(1000):  # 10 MB if it were all read
+            sent.append(1)
+            yield b"x" * 10_000
+        yield b'"}'
+
+    response = client.post(f"/sessions/{session_id}/chunks", content=body(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413 and not parsed
+    assert client.get(f"/sessions/{session_id}").json()["chunk_index"] == 0

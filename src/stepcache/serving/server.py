@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import socket
@@ -36,9 +37,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from stepcache.models.dreamzero.pipeline import INPUT_RANGE, NonFiniteOutputError
 from stepcache.models.dreamzero.world import INSTRUCTIONS, instruction_index
 from stepcache.omni import Omni, SessionBusyError, SessionClosedError
 
@@ -48,35 +50,108 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_SESSION_TTL_S = 300.0
 DEFAULT_MAX_SESSIONS = 64
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # a valid chunk request is about 20 KB
+MAX_ERRORS = 10  # validation errors listed in one 422 (a 1-D frame would otherwise list one per element)
 _EXPIRED_REMEMBERED = 1024  # ids of expired sessions kept for a clearer 404
 
 
 class OpenSession(BaseModel):
     """``POST /sessions``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     seed: StrictInt = Field(0, ge=0, lt=2**63, description="seeds the session's chunk noise")
 
 
 class ResetSession(BaseModel):
     """``POST /sessions/{id}/reset``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     seed: StrictInt | None = Field(None, ge=0, lt=2**63, description="reseed the noise (default: keep it)")
 
 
 class Observation(BaseModel):
     """``POST /sessions/{id}/chunks``: what the robot sees and where it is."""
 
-    model_config = ConfigDict(extra="forbid")
-    frame: list[list[float]] = Field(description="grey frame (frame_size x frame_size), values in [0, 1]")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    frame: list[list[StrictFloat]] = Field(description="grey frame (frame_size x frame_size), values in [0, 1]")
     instruction: StrictStr | StrictInt = Field(description=f"one of {list(INSTRUCTIONS)} or its index")
-    state: list[float] = Field(description="robot state (state_dim numbers)")
+    state: list[StrictFloat] = Field(description="robot state (state_dim numbers), values in [0, 1]")
     return_frames: StrictBool = Field(False, description="also return the predicted frames")
 
 
+class RequestTooLarge(Exception):
+    """A request body above the server's ``max_request_bytes``."""
+
+
+class _TooManyDigits:
+    """An integer literal too long for Python's int parsing (``sys.get_int_max_str_digits``): left to
+    validation, which refuses it naming its field, instead of failing the whole body."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | _TooManyDigits:
+    try:
+        return int(text)
+    except ValueError:
+        return _TooManyDigits(text)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """The body as JSON; NaN and Infinity become floats that validation refuses, naming the field."""
+    return json.loads(raw, parse_int=_parse_int)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (:class:`RequestTooLarge`) as soon as it is known to exceed ``limit`` bytes:
+    from ``Content-Length`` before reading, else while it streams in; never held whole when too large."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RequestTooLarge(int(length))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe_input(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic's errors as JSON-safe entries (no echo of the input, which may be NaN or huge), at most
+    :data:`MAX_ERRORS` of them (the last says how many more there were)."""
+    detail = []
+    for error in errors[:MAX_ERRORS]:
+        message = error["msg"]
+        value = error.get("input")
+        if isinstance(value, _TooManyDigits):
+            message = f"an integer of {value.digits} digits is out of range"
+        elif isinstance(value, float) and not math.isfinite(value):
+            message = f"{message} (got {value!r}: NaN and Infinity are not allowed)"
+        elif error["type"] != "missing" and not isinstance(value, (dict, list)):
+            message = f"{message} (got {_describe_input(value)})"
+        detail.append({"loc": ["body", *error["loc"]], "msg": message, "type": error["type"]})
+    if len(errors) > MAX_ERRORS:
+        detail.append({"loc": ["body"], "msg": f"... and {len(errors) - MAX_ERRORS} more errors",
+                       "type": "too_many_errors"})
+    return detail
+
+
 def _field_error(field: str, message: str, status: int = 422) -> Exception:
-    return HTTPException(status_code=status, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+    return _field_error_at([field], message, status)
+
+
+def _field_error_at(loc: list[str], message: str, status: int = 422) -> Exception:
+    return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
 
 
 def _array(value: Any, field: str, shape: tuple[int, ...], low: float | None = None,
@@ -95,12 +170,19 @@ def _array(value: Any, field: str, shape: tuple[int, ...], low: float | None = N
     return array
 
 
+def unknown_session(session_id: str) -> str:
+    """The 404 for a session id the server does not hold: sessions live in this process's memory only."""
+    return (f"unknown session {session_id!r}: it may have been closed, expired, or lost when the server restarted "
+            "(sessions live in memory only); open a new one with POST /sessions")
+
+
 def create_app(
     omni: Omni,
     *,
     session_ttl_s: float = DEFAULT_SESSION_TTL_S,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     sweep_interval_s: float | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The FastAPI application serving ``omni``'s sessions.
 
@@ -110,11 +192,14 @@ def create_app(
         max_sessions: sessions open at once; opening one more gets 503.
         sweep_interval_s: how often idle sessions are looked for (default: a quarter of the TTL,
             at most 10 s).
+        max_request_bytes: a request body above this size gets 413 before it is parsed.
     """
     if not (isinstance(session_ttl_s, (int, float)) and math.isfinite(session_ttl_s) and session_ttl_s > 0):
         raise ValueError(f"session_ttl_s must be a number > 0, got {session_ttl_s!r}")
     if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
         raise ValueError(f"max_sessions must be an integer >= 1, got {max_sessions!r}")
+    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
     interval = sweep_interval_s if sweep_interval_s is not None else min(10.0, session_ttl_s / 4)
     model_cfg = omni.pipeline.transformer.config
     frame_shape = (model_cfg.frame_size, model_cfg.frame_size)
@@ -155,7 +240,25 @@ def create_app(
             if session_id in expired:
                 raise HTTPException(404, f"session {session_id!r} expired after {session_ttl_s:g} s idle; "
                                          "open a new one") from None
-            raise HTTPException(404, f"unknown session {session_id!r}") from None
+            raise HTTPException(404, unknown_session(session_id)) from None
+
+    async def body_of(request: Request, model: type[BaseModel], optional: bool) -> Any:
+        try:
+            raw = await _read_body(request, max_request_bytes)
+        except RequestTooLarge as error:
+            raise HTTPException(413, f"the request body ({error.args[0]} bytes or more) exceeds the server's limit of "
+                                     f"{max_request_bytes} bytes (stepcache serve --max-request-bytes)") from None
+        if optional and not raw.strip():
+            return model()
+        try:
+            data = _parse_json(raw)
+        except (ValueError, RecursionError) as error:
+            raise _field_error_at([], f"the body is not JSON text: {type(error).__name__}: "
+                                      f"{_describe_input(str(error))}") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as error:
+            raise HTTPException(422, _validation_errors(error.errors())) from None
 
     def describe(session: Any) -> dict[str, Any]:
         return {"session_id": session.id, "seed": session.seed, "chunk_index": session.chunk_index,
@@ -176,15 +279,20 @@ def create_app(
             "session_ttl_s": session_ttl_s,
             "session_bytes": sum(session.nbytes() for session in sessions),
             "engine": omni.engine.stats.to_dict(),
+            "inputs": {"frame": {"shape": list(frame_shape), "range": list(INPUT_RANGE)},
+                       "state": {"shape": list(state_shape), "range": list(INPUT_RANGE)}},
+            "max_request_bytes": max_request_bytes,
+            "sessions_persist": False,  # in this process's memory only: a restart loses them
         }
 
     @app.post("/sessions", status_code=201)
-    def open_session(body: OpenSession | None = None) -> dict[str, Any]:
+    async def open_session(request: Request) -> dict[str, Any]:
+        body = await body_of(request, OpenSession, optional=True)
         sweep()
         if len(omni.sessions) >= max_sessions:
             raise HTTPException(503, f"the server holds its maximum of {max_sessions} sessions; close one, or wait "
                                      f"for idle ones to expire ({session_ttl_s:g} s)")
-        session = omni.open_session(seed=(body or OpenSession()).seed)
+        session = omni.open_session(seed=body.seed)
         return describe(session)
 
     @app.get("/sessions/{session_id}")
@@ -197,22 +305,24 @@ def create_app(
         return Response(status_code=204)
 
     @app.post("/sessions/{session_id}/reset")
-    def reset_session(session_id: str, body: ResetSession | None = None) -> dict[str, Any]:
+    async def reset_session(session_id: str, request: Request) -> dict[str, Any]:
         session = session_or_404(session_id)
+        body = await body_of(request, ResetSession, optional=True)
         try:
-            session.start_episode((body or ResetSession()).seed)
+            session.start_episode(body.seed)
         except SessionBusyError as error:
             raise HTTPException(409, str(error)) from None
         except SessionClosedError:
-            raise HTTPException(404, f"unknown session {session_id!r}") from None
+            raise HTTPException(404, unknown_session(session_id)) from None
         return describe(session)
 
     @app.post("/sessions/{session_id}/chunks")
-    async def generate(session_id: str, body: Observation) -> dict[str, Any]:
+    async def generate(session_id: str, request: Request) -> dict[str, Any]:
         start = time.perf_counter()
         session = session_or_404(session_id)
-        frame = _array(body.frame, "frame", frame_shape, 0.0, 1.0)
-        state = _array(body.state, "state", state_shape)
+        body = await body_of(request, Observation, optional=False)
+        frame = _array(body.frame, "frame", frame_shape, *INPUT_RANGE)
+        state = _array(body.state, "state", state_shape, *INPUT_RANGE)
         try:
             instruction = instruction_index(body.instruction)
         except ValueError as error:
@@ -222,7 +332,12 @@ def create_app(
         except SessionBusyError as error:
             raise HTTPException(409, str(error)) from None
         except SessionClosedError:
-            raise HTTPException(404, f"unknown session {session_id!r}") from None
+            raise HTTPException(404, unknown_session(session_id)) from None
+        except NonFiniteOutputError as error:
+            if error.field is None:
+                logger.error("session %s: %s", session_id, error)
+                raise HTTPException(500, str(error)) from None
+            raise _field_error({"observation": "frame"}.get(error.field, error.field), str(error)) from None
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
         except Exception as error:
@@ -304,10 +419,12 @@ class ServerThread:
 
 
 def serve(omni: Omni, sock: socket.socket, *, session_ttl_s: float = DEFAULT_SESSION_TTL_S,
-          max_sessions: int = DEFAULT_MAX_SESSIONS, log_level: str = "info") -> None:
+          max_sessions: int = DEFAULT_MAX_SESSIONS, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          log_level: str = "info") -> None:
     """Serve ``omni`` on the listening socket ``sock`` until interrupted (``stepcache serve``)."""
     import uvicorn
 
-    app = create_app(omni, session_ttl_s=session_ttl_s, max_sessions=max_sessions)
+    app = create_app(omni, session_ttl_s=session_ttl_s, max_sessions=max_sessions,
+                     max_request_bytes=max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
     server.run(sockets=[sock])

@@ -40,7 +40,13 @@ def _port(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stepcache.serving.engine import DECISIONS, PER_SESSION
-    from stepcache.serving.server import DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_SESSION_TTL_S
+    from stepcache.serving.server import (
+        DEFAULT_HOST,
+        DEFAULT_MAX_REQUEST_BYTES,
+        DEFAULT_MAX_SESSIONS,
+        DEFAULT_PORT,
+        DEFAULT_SESSION_TTL_S,
+    )
 
     parser.add_argument("--model", default="dreamzero-mini", metavar="NAME|DIR",
                         help="bundled model (choices: dreamzero-mini) or a folder with config.json + model.safetensors")
@@ -53,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a session idle for longer is closed")
     parser.add_argument("--max-sessions", type=positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                         help="sessions open at once")
+    parser.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                        help="a request body above this size is refused (413) before it is parsed (a chunk request "
+                             "is about 20 KB)")
     parser.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
                         help="chunks batched into one DiT forward at most")
     parser.add_argument("--decision", choices=DECISIONS, default=PER_SESSION,
@@ -126,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
           f"sessions expire after {args.session_ttl:g} s idle); Ctrl-C stops", flush=True)
     try:
         serve(omni, sock, session_ttl_s=args.session_ttl, max_sessions=args.max_sessions,
-              log_level="debug" if args.verbose else "warning")
+              max_request_bytes=args.max_request_bytes, log_level="debug" if args.verbose else "warning")
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the signal: the normal way to stop
         pass
     finally:

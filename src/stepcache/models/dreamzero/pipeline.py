@@ -162,6 +162,19 @@ class StepSchedule:
     action_timesteps: torch.Tensor
 
 
+# The range the bundled models were trained on: grey frames in [0, 1], states in the unit-square arena.
+INPUT_RANGE = (0.0, 1.0)
+
+
+class NonFiniteOutputError(ValueError):
+    """A chunk produced NaN or infinite actions or frames; it is refused and its episode rolled back.
+    ``field`` names the input outside the trained range that caused it (None: the inputs were in range)."""
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class ContextBusyError(RuntimeError):
     """An episode context was asked for a second chunk while one is still in flight."""
 
@@ -494,6 +507,7 @@ class ChunkJob:
         final_video = self.video_x0 if decoupled_video_noise else self.video
         if self.dit is not None:  # every rank gets the whole video (its shard stepped here)
             final_video = self.dit.gather_video(final_video)
+        actions = self.actions * self.action_scale
         predicted = ((final_video + 1.0) / 2.0).clamp(0.0, 1.0)
         latency = (self.finished or time.perf_counter()) - self.started
         # diagnostics, after the clock stopped
@@ -502,10 +516,12 @@ class ChunkJob:
         else:
             similarities = _sharded_successive_similarities(self.computed, self.dit)
             self.collectives_done = True
+        # checked after the collectives above, so that every rank of a group reaches them before any raises
+        self._check_finite(actions, final_video)
         group = self.group
         trace = list(group.cache_state.trace) if group is not None and group.cache_state is not None else []
         result = ChunkOutput(
-            actions=(self.actions * self.action_scale).cpu().numpy().astype(np.float32),
+            actions=actions.cpu().numpy().astype(np.float32),
             frames=predicted.cpu().numpy().astype(np.float32),
             dit_forwards=len(self.forward_batch_sizes),
             prefill_forwards=1,
@@ -527,6 +543,27 @@ class ChunkJob:
         """The finished chunk counts: the episode moves on and its context is released."""
         self.context.chunk_index += 1
         self._close()
+
+    def _check_finite(self, actions: torch.Tensor, video: torch.Tensor) -> None:
+        """Refuse a chunk whose outputs are not finite (a NaN served as an action is a silent wrong result),
+        naming the input outside the trained range where there is one."""
+        bad = [name for name, tensor in (("actions", actions), ("frames", video)) if not torch.isfinite(tensor).all()]
+        if not bad:
+            return
+        low, high = INPUT_RANGE
+        ranges = {"state": (self.model_state + 1.0) / 2.0, "observation": (self.prefill_frames + 1.0) / 2.0}
+        culprit, details = None, []
+        for name, values in ranges.items():
+            lo, hi = float(values.min()), float(values.max())
+            details.append(f"{name} in [{lo:.4g}, {hi:.4g}]")
+            if culprit is None and (lo < low or hi > high):
+                culprit = name
+        cause = (f"{culprit} lies outside [{low:g}, {high:g}], the range the model was trained on: bring it into "
+                 "that range" if culprit is not None else "the inputs lie in the trained range, so the model "
+                 "itself produced them")
+        raise NonFiniteOutputError(
+            f"the chunk's {' and '.join(bad)} are not finite (NaN or infinity) and were not served; {cause} "
+            f"({', '.join(details)}); the episode is as before the chunk", culprit)
 
     def rollback(self) -> None:
         """Undo the chunk: the episode, its noise generator and its StepCache state are as before it."""
