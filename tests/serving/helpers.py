@@ -43,13 +43,19 @@ def record_episode(omni: Omni, seed: int, chunks: int, instruction_switch: int |
     return episode
 
 
-def assert_same_chunk(a: OmniOutput, b: OmniOutput, atol: float = 1e-5) -> None:
-    """Identical decisions, outputs within ``atol``."""
+# What docs/serving.md states for a session batched with others against the same session alone (float32
+# summation order of batched and masked forwards, amplified on the video by CFG).
+ACTIONS_ATOL = 1e-7
+FRAMES_ATOL = 5e-5
+
+
+def assert_same_chunk(a: OmniOutput, b: OmniOutput) -> None:
+    """Identical decisions, outputs within the bounds docs/serving.md states."""
     assert a.stats.ran == b.stats.ran
     assert a.stats.dit_forwards == b.stats.dit_forwards
     assert a.stats.context_frames == b.stats.context_frames and a.stats.chunk_index == b.stats.chunk_index
-    np.testing.assert_allclose(a.actions, b.actions, atol=atol, rtol=0)
-    np.testing.assert_allclose(a.frames, b.frames, atol=atol, rtol=0)
+    np.testing.assert_allclose(a.actions, b.actions, atol=ACTIONS_ATOL, rtol=0)
+    np.testing.assert_allclose(a.frames, b.frames, atol=FRAMES_ATOL, rtol=0)
 
 
 def slow_forward(omni: Omni, seconds: float) -> None:

@@ -11,6 +11,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
+from stepcache.models.dreamzero.pipeline import NonFiniteOutputError
 from stepcache.omni import Omni, SessionBusyError, SessionClosedError
 from stepcache.serving import EngineConfig
 from tests.serving.helpers import VARIED, assert_same_chunk, record_episode, slow_forward
@@ -95,6 +96,27 @@ def test_sessions_at_different_chunks_instructions_contexts_and_steps_batch_toge
         assert_same_chunk(out, alone[seed].outputs[chunk])
 
 
+def test_dreamzero_mini_batched_with_a_padded_four_frame_context_stays_within_the_stated_bound():
+    """The bundled model (not the tiny one): a 4-frame context batched with 1-frame ones, padded and
+    masked, against each run alone, to the bounds docs/serving.md states."""
+    with Omni("dreamzero-mini", cache_backend="step_cache") as omni:
+        alone = {seed: record_episode(omni, seed, chunks) for seed, chunks in ((0, 4), (1, 1), (2, 1))}
+    with Omni("dreamzero-mini", cache_backend="step_cache") as omni:
+        sessions = {seed: omni.open_session(seed=seed) for seed in alone}
+        first = alone[0]
+        for chunk in range(3):
+            sessions[0].generate(first.observations[chunk], first.instructions[chunk], first.states[chunk])
+        with omni.engine.paused():
+            futures = {seed: sessions[seed].submit(alone[seed].observations[chunk], alone[seed].instructions[chunk],
+                                                   alone[seed].states[chunk])
+                       for seed, chunk in ((0, 3), (1, 0), (2, 0))}
+        outputs = {seed: future.result(timeout=60) for seed, future in futures.items()}
+    assert outputs[0].stats.context_frames == 4 and outputs[1].stats.context_frames == 1
+    assert max(outputs[0].stats.forward_batch_sizes) == 3  # the padded contexts did share forwards
+    for seed, out in outputs.items():
+        assert_same_chunk(out, alone[seed].outputs[-1])
+
+
 def test_the_batch_mean_option_takes_one_decision_per_batch(tiny_dir, solo):
     with _omni(tiny_dir, decision="batch_mean") as omni:
         sessions = [omni.open_session(seed=episode.seed) for episode in solo]
@@ -156,6 +178,30 @@ def test_a_failing_session_fails_alone_and_its_episode_rolls_back(tiny_dir, solo
             assert_same_chunk(broken.generate(ep.observations[chunk], ep.instructions[chunk], ep.states[chunk]),
                               ep.outputs[chunk])
         assert omni.engine.stats.failed_chunks == 1
+
+
+def test_a_non_finite_chunk_is_refused_naming_the_input_and_rolls_back(tiny_dir, solo):
+    huge = np.array([1e30, 1e30], dtype=np.float32)  # finite, but far outside the arena: NaN actions
+    with _omni(tiny_dir) as omni:
+        sessions = [omni.open_session(seed=episode.seed) for episode in solo[:3]]
+        with omni.engine.paused():  # batched with healthy sessions
+            futures = [session.submit(ep.observations[0], ep.instructions[0], huge if i == 1 else ep.states[0])
+                       for i, (session, ep) in enumerate(zip(sessions, solo))]
+        for i, (future, episode) in enumerate(zip(futures, solo)):
+            if i == 1:
+                with pytest.raises(NonFiniteOutputError, match=r"actions .*not finite.*state lies outside \[0, 1\]"):
+                    future.result(timeout=60)
+                assert future.exception().field == "state"
+            else:
+                assert_same_chunk(future.result(timeout=60), episode.outputs[0])
+        broken, ep = sessions[1], solo[1]
+        assert broken.chunk_index == 0 and broken.chunks_served == 0 and broken.context.kv_cache.num_frames == 0
+        for chunk in range(2):  # the retry and the next chunk equal a run that never failed
+            assert_same_chunk(broken.generate(ep.observations[chunk], ep.instructions[chunk], ep.states[chunk]),
+                              ep.outputs[chunk])
+        with pytest.raises(NonFiniteOutputError, match="state"):  # the implicit session too
+            omni.generate(ep.observations[0], ep.instructions[0], huge)
+        assert omni.chunk_index == 0
 
 
 def test_many_threads_on_their_own_sessions_are_never_silently_wrong(tiny_dir, solo):

@@ -29,6 +29,8 @@ def _exit_status(argv: list[str]) -> int:
     (["--port", "http"], "argument --port: 'http' is not an integer"),
     (["--session-ttl", "0"], "argument --session-ttl"),
     (["--max-sessions", "0"], "argument --max-sessions"),
+    (["--max-request-bytes", "0"], "argument --max-request-bytes"),
+    (["--max-request-bytes", "1MB"], "argument --max-request-bytes"),
     (["--decision", "mean"], "argument --decision"),
     (["--host", " "], "argument --host"),
     (["--no-cache", "--cache-config", "{}"], "argument --no-cache"),
@@ -54,7 +56,8 @@ def test_a_port_in_use_is_a_usage_error(capsys):
 def test_serve_answers_over_http_and_stops_on_ctrl_c(tiny_dir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "stepcache", "serve", "--port", "0", "--model", str(tiny_dir), "--threads", "1"],
+        [sys.executable, "-m", "stepcache", "serve", "--port", "0", "--model", str(tiny_dir), "--threads", "1",
+         "--max-request-bytes", "10000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
@@ -72,6 +75,8 @@ def test_serve_answers_over_http_and_stops_on_ctrl_c(tiny_dir):
             session_id = client.post("/sessions", json={"seed": 1}).json()["session_id"]
             body = {"frame": [[0.0] * 32] * 32, "instruction": "reach the ring", "state": [0.5, 0.5]}
             assert len(client.post(f"/sessions/{session_id}/chunks", json=body).json()["actions"]) == 8
+            too_big = client.post(f"/sessions/{session_id}/chunks", json={**body, "padding": "x" * 10_000})
+            assert too_big.status_code == 413 and "10000 bytes" in too_big.json()["detail"]
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
     finally:

@@ -11,10 +11,13 @@ Endpoints (JSON):
   "frames": null | [[[...]]], "stats": {...}}``;
 - ``DELETE /sessions/{id}`` -> 204.
 
-Errors: a bad payload gets 422 with ``detail[0].loc`` naming the field; an unknown (or expired) session
-404; a second chunk on a session whose chunk is still in flight 409; a chunk that fails on the server
-500, its session rolled back to before the chunk (other sessions are not touched). Sessions idle for
-``session_ttl_s`` are closed.
+Errors: a bad payload gets 422 with ``detail[0].loc`` naming the field (NaN, Infinity, huge integers,
+strings or booleans for numbers and values outside the trained range included; at most
+:data:`MAX_ERRORS` listed); a body above ``max_request_bytes`` 413 before it is parsed; an unknown
+session 404 (closed, expired, or lost to a restart: sessions live in this process's memory only); a
+second chunk on a session whose chunk is still in flight 409; a chunk that fails on the server 500,
+its session rolled back to before the chunk (other sessions are not touched). A chunk whose outputs
+are not finite is never served. Sessions idle for ``session_ttl_s`` are closed.
 
 Why FastAPI + uvicorn: request validation that names the offending field comes with the framework
 (pydantic), handlers are asyncio coroutines that await the batching engine without a thread per
