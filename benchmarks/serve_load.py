@@ -43,6 +43,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from stepcache.tools.common import command_line
+
 MODES: dict[str, list[str]] = {
     "none": ["--no-cache"],
     "step_cache": [],
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
     document: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "transport": args.transport,
+        "command": f"{Path(sys.executable).name} {command_line()}", "transport": args.transport,
         "device": args.device or "cpu", "duration_s": args.duration, "warmup_s": args.warmup,
         "torch_threads": args.threads, "cpu_count": os.cpu_count(), "results": results,
     }

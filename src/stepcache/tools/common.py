@@ -12,6 +12,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -216,9 +217,19 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 def command_line(args: argparse.Namespace | None = None) -> str:
-    """The command as the user typed it (``cli.main`` records it), else this process's argv."""
+    """The command as the user typed it (``cli.main`` records it), else this process's argv, with absolute
+    paths made relative to the working directory: nothing machine-specific goes into a result file."""
     recorded = getattr(args, "command_line", None)
-    return recorded if recorded is not None else shlex.join(sys.argv)
+    words = shlex.split(recorded) if recorded is not None else sys.argv
+    return shlex.join(relative_path_text(word) for word in words)
+
+
+def relative_path_text(word: str) -> str:
+    """``word`` with an absolute path in it (``/a/b``, ``--out=/a/b``) made relative to the working directory."""
+    prefix, _, path = word.rpartition("=") if "=" in word else ("", "", word)
+    if not os.path.isabs(path):
+        return word
+    return prefix + ("=" if prefix else "") + os.path.relpath(path)
 
 
 def _installed_version(distribution: str) -> str | None:
