@@ -104,3 +104,16 @@ def test_committed_figures_hold_no_absolute_paths():
         document = json.loads(path.read_text())
         command = document.get("command") or document.get("run", {}).get("command") or ""
         assert not any(word.lstrip("-=").startswith("/") for word in command.split()), (path.name, command)
+
+
+def test_the_committed_figures_are_written_only_with_the_flag(tmp_path):
+    from stepcache.tools.common import UsageError, docs_figures_dir, prepare_out_dir, prepare_out_file
+
+    figures = docs_figures_dir()
+    assert (figures / "bench-wan-digits.json").is_file()
+    with pytest.raises(UsageError, match=r"--out: .*docs/figures.*--update-docs-figures"):
+        prepare_out_dir(figures)
+    with pytest.raises(UsageError, match=r"--json: .*docs/figures"):
+        prepare_out_file(figures / "bench-wan-digits.json")
+    assert prepare_out_dir(figures, update_docs_figures=True) == figures
+    assert prepare_out_dir(tmp_path / "bench") == tmp_path / "bench"
