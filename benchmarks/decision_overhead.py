@@ -26,6 +26,7 @@ import torch
 
 from stepcache import StepCacheConfig, StepCacheState, __version__
 from stepcache.state import velocity_signals
+from stepcache.tools.common import UsageError, add_update_docs_figures_argument, prepare_out_file
 
 DROID_VELOCITY = (1, 16, 2, 44, 80)
 POLICIES = {
@@ -130,7 +131,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    add_update_docs_figures_argument(parser)
     args = parser.parse_args()
+    if args.json is not None:
+        try:
+            prepare_out_file(args.json, update_docs_figures=args.update_docs_figures)
+        except UsageError as err:
+            parser.error(str(err))
     torch.set_num_threads(args.threads)
     report = {
         "stepcache": __version__, "torch": torch.__version__, "python": platform.python_version(),

@@ -16,7 +16,7 @@ episode success rate, and memory per open session (the tensors a session holds, 
 - ``batch_mean``: the seed's defaults, one decision per batch from the mean cosine (upstream's rule);
 - ``none_unbatched``: no cache, one chunk at a time (what batching is compared against).
 
-    .venv/bin/python benchmarks/serve_load.py --duration 8 --out docs/figures
+    .venv/bin/python benchmarks/serve_load.py --duration 8 --out sl  # --update-docs-figures: into docs/figures
 
 writes ``serve_load.json`` and ``serve_load.png`` (throughput against N) into ``--out`` and prints a
 table. ``--transport inprocess`` drives the sessions of an in-process ``Omni`` from the robot threads
@@ -42,6 +42,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from stepcache.tools.common import UsageError, add_update_docs_figures_argument, command_line, prepare_out_dir
 
 MODES: dict[str, list[str]] = {
     "none": ["--no-cache"],
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--model", default="dreamzero-mini")
     parser.add_argument("--out", type=Path, default=None, help="folder for NAME.json and NAME.png")
+    add_update_docs_figures_argument(parser)
     parser.add_argument("--name", default="serve_load", help="file name (no suffix) of the outputs")
     parser.add_argument("--transport", choices=("http", "inprocess"), default="http",
                         help="http: robots talk to stepcache serve processes; inprocess: to an Omni's sessions")
@@ -358,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or (robots and min(robots) < 1) or args.duration <= 0 or args.warmup < 0 or args.fidelity < 0:
         parser.error(f"bad --modes {unknown} / --robots / --duration / --warmup")
+    if args.out is not None:
+        try:
+            prepare_out_dir(args.out, update_docs_figures=args.update_docs_figures)
+        except UsageError as err:
+            parser.error(str(err))
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     started = time.time()
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
     document: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "transport": args.transport,
+        "command": f"{Path(sys.executable).name} {command_line()}", "transport": args.transport,
         "device": args.device or "cpu", "duration_s": args.duration, "warmup_s": args.warmup,
         "torch_threads": args.threads, "cpu_count": os.cpu_count(), "results": results,
     }

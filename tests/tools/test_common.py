@@ -87,3 +87,33 @@ def test_no_progress_bar_off_a_terminal(capsys):
     with progress_bar(total=2, desc="x", unit="it", enabled=False) as bar:
         bar.update(2)
     assert capsys.readouterr().err == ""
+
+
+def test_recorded_commands_hold_no_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = f"stepcache bench --json {tmp_path}/b/r.json --out={tmp_path}/o --model wan-digits"
+    meta = run_metadata(argparse.Namespace(command_line=line))
+    assert meta["command"] == "stepcache bench --json b/r.json --out=o --model wan-digits"
+
+
+def test_committed_figures_hold_no_absolute_paths():
+    from pathlib import Path
+
+    figures = Path(__file__).resolve().parents[2] / "docs" / "figures"
+    for path in figures.glob("*.json"):
+        document = json.loads(path.read_text())
+        command = document.get("command") or document.get("run", {}).get("command") or ""
+        assert not any(word.lstrip("-=").startswith("/") for word in command.split()), (path.name, command)
+
+
+def test_the_committed_figures_are_written_only_with_the_flag(tmp_path):
+    from stepcache.tools.common import UsageError, docs_figures_dir, prepare_out_dir, prepare_out_file
+
+    figures = docs_figures_dir()
+    assert (figures / "bench-wan-digits.json").is_file()
+    with pytest.raises(UsageError, match=r"--out: .*docs/figures.*--update-docs-figures"):
+        prepare_out_dir(figures)
+    with pytest.raises(UsageError, match=r"--json: .*docs/figures"):
+        prepare_out_file(figures / "bench-wan-digits.json")
+    assert prepare_out_dir(figures, update_docs_figures=True) == figures
+    assert prepare_out_dir(tmp_path / "bench") == tmp_path / "bench"

@@ -29,6 +29,7 @@ from stepcache.tools.common import (
     add_json_argument,
     add_progress_argument,
     add_threads_argument,
+    add_update_docs_figures_argument,
     positive_int,
     prepare_out_dir,
     prepare_out_file,
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_argument(parser, "write the rows and the run's versions to this JSON file")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write the plot and the table here (bench-MODEL.png, bench-MODEL.md)")
+    add_update_docs_figures_argument(parser)
     add_threads_argument(parser)
     add_progress_argument(parser)
 
@@ -75,9 +77,9 @@ def validate(args: argparse.Namespace) -> None:
             f"--calibration-seed {args.calibration_seed} is the evaluated --seed: calibration must use other inputs"
         )
     if args.out is not None:
-        args.out = prepare_out_dir(args.out)
+        args.out = prepare_out_dir(args.out, update_docs_figures=args.update_docs_figures)
     if args.json is not None:
-        args.json = prepare_out_file(args.json)
+        args.json = prepare_out_file(args.json, update_docs_figures=args.update_docs_figures)
 
 
 def load_bundled(model: str) -> Any:

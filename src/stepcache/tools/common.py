@@ -12,6 +12,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -184,9 +185,29 @@ def _probe_writable(folder: Path) -> None:
         pass
 
 
-def prepare_out_dir(path: Path, option: str = "--out") -> Path:
-    """Create ``path`` (a folder) if needed and check that files can be written into it."""
+def docs_figures_dir() -> Path:
+    """The checkout's ``docs/figures``: the committed figures, written only with ``--update-docs-figures``."""
+    return package_dir().parent.parent / "docs" / "figures"
+
+
+def add_update_docs_figures_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--update-docs-figures", action="store_true",
+                        help="allow --out / --json inside the checkout's docs/figures (refresh the committed figures)")
+
+
+def _refuse_docs_figures(path: Path, option: str, update_docs_figures: bool) -> None:
+    if not update_docs_figures and is_inside(path, docs_figures_dir().resolve()):
+        raise UsageError(
+            f"argument {option}: {path} is in docs/figures, the committed figures; write elsewhere, or add "
+            "--update-docs-figures to refresh them"
+        )
+
+
+def prepare_out_dir(path: Path, option: str = "--out", *, update_docs_figures: bool = False) -> Path:
+    """Create ``path`` (a folder) if needed and check that files can be written into it; the committed
+    figures (``docs/figures``) only with ``update_docs_figures``."""
     path = Path(path).expanduser()
+    _refuse_docs_figures(path, option, update_docs_figures)
     if is_inside(path, package_dir()):
         raise UsageError(f"argument {option}: {path} is inside the installed stepcache package; choose another folder")
     try:
@@ -197,12 +218,13 @@ def prepare_out_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
-def prepare_out_file(path: Path, option: str = "--json") -> Path:
+def prepare_out_file(path: Path, option: str = "--json", *, update_docs_figures: bool = False) -> Path:
     """Check that the file ``path`` can be written (its folder is created if needed); nothing is written yet."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UsageError(f"argument {option}: {path} is a folder; allowed: a file path, e.g. {path / 'results.json'}")
-    prepare_out_dir(path.parent, option)
+    _refuse_docs_figures(path, option, update_docs_figures)
+    prepare_out_dir(path.parent, option, update_docs_figures=update_docs_figures)
     return path
 
 
@@ -218,9 +240,19 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 def command_line(args: argparse.Namespace | None = None) -> str:
-    """The command as the user typed it (``cli.main`` records it), else this process's argv."""
+    """The command as the user typed it (``cli.main`` records it), else this process's argv, with absolute
+    paths made relative to the working directory: nothing machine-specific goes into a result file."""
     recorded = getattr(args, "command_line", None)
-    return recorded if recorded is not None else shlex.join(sys.argv)
+    words = shlex.split(recorded) if recorded is not None else sys.argv
+    return shlex.join(relative_path_text(word) for word in words)
+
+
+def relative_path_text(word: str) -> str:
+    """``word`` with an absolute path in it (``/a/b``, ``--out=/a/b``) made relative to the working directory."""
+    prefix, _, path = word.rpartition("=") if "=" in word else ("", "", word)
+    if not os.path.isabs(path):
+        return word
+    return prefix + ("=" if prefix else "") + os.path.relpath(path)
 
 
 def _installed_version(distribution: str) -> str | None:

@@ -33,6 +33,7 @@ from stepcache.tools.common import (
     add_json_argument,
     add_progress_argument,
     add_threads_argument,
+    add_update_docs_figures_argument,
     checked_cache_config,
     format_cache_config,
     format_number,
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundled model (choices: dreamzero-mini) or a folder with config.json + model.safetensors")
     add_cache_config_argument(parser)
     add_threads_argument(parser, default=1, note="per-chunk tensors are small")
+    add_update_docs_figures_argument(parser)
     add_progress_argument(parser)
 
 
@@ -74,9 +76,9 @@ def validate(args: argparse.Namespace) -> None:
         load_model(args.model)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"argument --model: {err}") from None
-    args.out = prepare_out_dir(args.out)
+    args.out = prepare_out_dir(args.out, update_docs_figures=args.update_docs_figures)
     if args.json is not None:
-        args.json = prepare_out_file(args.json)
+        args.json = prepare_out_file(args.json, update_docs_figures=args.update_docs_figures)
 
 
 @dataclass
