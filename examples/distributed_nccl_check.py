@@ -82,7 +82,8 @@ def main() -> None:
         torch.cuda.set_device(DEVICE)
     init_distributed(device=DEVICE)
     print(f"backend {dist.get_backend()}, {torch.cuda.get_device_name() if CUDA else 'CPU'}")
-    groups = ParallelGroups(model_group=dist.group.WORLD, sp_group=dist.group.WORLD)  # SP over this one rank
+    groups = ParallelGroups(model_group=dist.group.WORLD, sp_group=dist.group.WORLD,  # SP over this one rank
+                            agreement_group=dist.new_group([0], backend="gloo"))  # where chunks' outcomes are agreed
     try:
         with torch.no_grad():
             mine, _, distance = episode(pipeline(groups, cache=True, check=True))

@@ -120,3 +120,13 @@ def test_options_that_need_a_group_are_refused_without_one() -> None:
 
     with pytest.raises(ValueError, match="batch_part needs a process_group"):
         StepCacheState(StepCacheConfig(), batch_part=(0, 2))
+
+
+def test_a_pipeline_on_groups_without_an_agreement_group_is_refused() -> None:
+    # Without its own group, the ranks' agreement on a chunk's outcome could pair with a forward collective.
+    from stepcache.models.dreamzero import load_model
+    from stepcache.models.dreamzero.parallel import ParallelGroups
+    from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
+
+    with pytest.raises(ValueError, match="parallel has no agreement_group"):
+        DreamZeroPipeline(load_model("dreamzero-mini"), parallel=ParallelGroups(model_group=None))

@@ -741,6 +741,13 @@ class DreamZeroPipeline:
         if parallel is not None and not isinstance(parallel, ParallelGroups):
             raise ValueError(f"parallel must be a ParallelGroups (ParallelGroups.create(...)) or None, got "
                              f"{type(parallel).__name__}")
+        if parallel is not None and parallel.agreement_group is None:
+            raise ValueError(
+                "parallel has no agreement_group, the gloo group on which the ranks agree on each chunk's outcome "
+                "(ParallelGroups.create makes one): without it a rank that failed mid-chunk could pair its "
+                "agreement with a peer's forward collective; pass agreement_group=dist.new_group(ranks, "
+                "backend='gloo', timeout=...) with a timeout longer than the other groups'"
+            )
         # Several ranks: the DiT runs through its parallel wrapper (None: one process, the plain model).
         self.dit = None if parallel is None else ParallelWorldActionDiT(
             self.transformer, parallel, guidance_scale=self.config.guidance_scale)
