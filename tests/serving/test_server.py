@@ -388,12 +388,10 @@ def test_an_oversized_streamed_body_without_content_length_is_a_413(limited):
     client, parsed = limited
     session_id = client.post("/sessions", json={}).json()["session_id"]
     parsed.clear()
-    sent = []
 
     def body():
         yield b'{"frame": "'
-        for _ in range(1000):  # 10 MB if it were all read
-            sent.append(1)
+        for _ in range(1000):  # 10 MB, sent without a Content-Length (chunked)
             yield b"x" * 10_000
         yield b'"}'
 
@@ -401,3 +399,24 @@ def test_an_oversized_streamed_body_without_content_length_is_a_413(limited):
                            headers={"content-type": "application/json"})
     assert response.status_code == 413 and not parsed
     assert client.get(f"/sessions/{session_id}").json()["chunk_index"] == 0
+
+
+def test_reading_a_body_stops_as_soon_as_it_passes_the_limit():
+    import asyncio
+
+    from stepcache.serving.server import RequestTooLarge, _read_body
+
+    consumed = []
+
+    class Streamed:  # what the handler sees of a chunked request: no Content-Length
+        def __init__(self) -> None:
+            self.headers: dict[str, str] = {}
+
+        async def stream(self):
+            for index in range(1000):
+                consumed.append(index)
+                yield b"x" * 10_000
+
+    with pytest.raises(RequestTooLarge):
+        asyncio.run(_read_body(Streamed(), 25_000))
+    assert len(consumed) == 3  # 30,000 bytes read of 10 MB
