@@ -347,6 +347,13 @@ def test_a_non_finite_chunk_is_a_500_never_served_and_rolled_back(tiny_dir):
         assert response.status_code == 200 and response.json()["stats"]["chunk_index"] == 0
 
 
+def test_the_api_schema_still_describes_the_bodies(served):
+    paths = served.get("/openapi.json").json()["paths"]
+    chunk = paths["/sessions/{session_id}/chunks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"frame", "instruction", "state", "return_frames"} <= set(chunk["properties"])
+    assert "seed" in paths["/sessions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
 def test_an_unknown_session_404_says_why_and_what_to_do(served):
     detail = served.get("/sessions/gone").json()["detail"]
     assert "closed, expired, or lost when the server restarted" in detail and "POST /sessions" in detail
