@@ -284,3 +284,15 @@ def test_sessions_await_their_chunks_together_from_asyncio(model_dir):
         frame, world.instruction, state)
     np.testing.assert_allclose(outputs[2].actions, alone.actions, atol=1e-5, rtol=0)
     omni.close()
+
+
+def test_non_finite_outputs_are_refused_by_the_pipeline_called_directly(model_dir):
+    from stepcache.models.dreamzero.pipeline import NonFiniteOutputError
+
+    pipe = Omni(model=model_dir, cache_backend=None).pipeline
+    world = ReachingWorld()
+    frame, state = world.reset(seed=0)
+    with pytest.raises(NonFiniteOutputError, match="state lies outside") as raised:
+        pipe(frame, world.instruction, np.array([1e30, 1e30], dtype=np.float32))
+    assert raised.value.field == "state" and pipe.context.chunk_index == 0 and pipe.context.kv_cache.num_frames == 0
+    assert np.isfinite(pipe(frame, world.instruction, state).actions).all() and pipe.context.chunk_index == 1

@@ -347,6 +347,13 @@ def test_a_non_finite_chunk_is_a_500_never_served_and_rolled_back(tiny_dir):
         assert response.status_code == 200 and response.json()["stats"]["chunk_index"] == 0
 
 
+def test_the_api_schema_still_describes_the_bodies(served):
+    paths = served.get("/openapi.json").json()["paths"]
+    chunk = paths["/sessions/{session_id}/chunks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"frame", "instruction", "state", "return_frames"} <= set(chunk["properties"])
+    assert "seed" in paths["/sessions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
 def test_an_unknown_session_404_says_why_and_what_to_do(served):
     detail = served.get("/sessions/gone").json()["detail"]
     assert "closed, expired, or lost when the server restarted" in detail and "POST /sessions" in detail
@@ -388,12 +395,10 @@ def test_an_oversized_streamed_body_without_content_length_is_a_413(limited):
     client, parsed = limited
     session_id = client.post("/sessions", json={}).json()["session_id"]
     parsed.clear()
-    sent = []
 
     def body():
         yield b'{"frame": "'
-        for _ in range(1000):  # 10 MB if it were all read
-            sent.append(1)
+        for _ in range(1000):  # 10 MB, sent without a Content-Length (chunked)
             yield b"x" * 10_000
         yield b'"}'
 
@@ -401,3 +406,24 @@ def test_an_oversized_streamed_body_without_content_length_is_a_413(limited):
                            headers={"content-type": "application/json"})
     assert response.status_code == 413 and not parsed
     assert client.get(f"/sessions/{session_id}").json()["chunk_index"] == 0
+
+
+def test_reading_a_body_stops_as_soon_as_it_passes_the_limit():
+    import asyncio
+
+    from stepcache.serving.server import RequestTooLarge, _read_body
+
+    consumed = []
+
+    class Streamed:  # what the handler sees of a chunked request: no Content-Length
+        def __init__(self) -> None:
+            self.headers: dict[str, str] = {}
+
+        async def stream(self):
+            for index in range(1000):
+                consumed.append(index)
+                yield b"x" * 10_000
+
+    with pytest.raises(RequestTooLarge):
+        asyncio.run(_read_body(Streamed(), 25_000))
+    assert len(consumed) == 3  # 30,000 bytes read of 10 MB

@@ -124,6 +124,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _documented_body(model: type[BaseModel], required: bool) -> dict[str, Any]:
+    """The OpenAPI entry of a body that the handler reads itself (to bound and parse it safely)."""
+    return {"requestBody": {"required": required,
+                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def _describe_input(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -288,7 +294,7 @@ def create_app(
             "sessions_persist": False,  # in this process's memory only: a restart loses them
         }
 
-    @app.post("/sessions", status_code=201)
+    @app.post("/sessions", status_code=201, openapi_extra=_documented_body(OpenSession, required=False))
     async def open_session(request: Request) -> dict[str, Any]:
         body = await body_of(request, OpenSession, optional=True)
         sweep()
@@ -307,7 +313,7 @@ def create_app(
         session_or_404(session_id).close()
         return Response(status_code=204)
 
-    @app.post("/sessions/{session_id}/reset")
+    @app.post("/sessions/{session_id}/reset", openapi_extra=_documented_body(ResetSession, required=False))
     async def reset_session(session_id: str, request: Request) -> dict[str, Any]:
         session = session_or_404(session_id)
         body = await body_of(request, ResetSession, optional=True)
@@ -319,7 +325,7 @@ def create_app(
             raise HTTPException(404, unknown_session(session_id)) from None
         return describe(session)
 
-    @app.post("/sessions/{session_id}/chunks")
+    @app.post("/sessions/{session_id}/chunks", openapi_extra=_documented_body(Observation, required=True))
     async def generate(session_id: str, request: Request) -> dict[str, Any]:
         start = time.perf_counter()
         session = session_or_404(session_id)
