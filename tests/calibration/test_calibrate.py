@@ -123,6 +123,11 @@ def test_a_diffusers_pipeline_calibrates_from_call_kwargs(digits):
     assert {c.config.step_cache_dit_solver_aware for c in result.verified} == {True, False}
     assert result.calibration_inputs[0]["generator"] == {"generator_seed": 1}
     assert result.held_out[0].forwards == 5 and math.isfinite(result.held_out[0].fidelity_db)
+    # the held-out report compares with fewer steps at the same forwards, in Python as in the CLI
+    assert result.held_out[0].extra["fewer_steps"] == 5 and math.isfinite(result.held_out[0].extra["fewer_steps_db"])
+    assert result.held_out_generations == 3  # the reference, the chosen config, 5 steps
+    report = result.summary()
+    assert "; at 5 forwards: fewer steps " in report and "  config: " in report
     with pytest.raises(ValueError, match="not applied"):  # calibration leaves the pipeline as it found it
         get_step_cache_stats(digits.pipe)
     # the input's generator is rewound before every run: the same input gives the same output
@@ -145,6 +150,8 @@ def test_bad_calls_are_clear_errors(digits):
         ({}, "exactly one goal"),
         ({"target_forwards": 4, "min_psnr": 30}, "exactly one goal"),
         ({"target_forwards": 0}, ">= 1"),
+        ({"min_psnr": -5}, "min_psnr .*> 0"),
+        ({"min_psnr": 0.0}, "min_psnr .*> 0"),
         ({"target_forwards": [4, 4]}, "repeated"),
         ({"target_forwards": 4, "verifications": 0}, "verifications"),
         ({"target_forwards": 4, "held_out": [1]}, "held_out needs inputs"),

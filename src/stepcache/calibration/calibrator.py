@@ -289,8 +289,10 @@ def measure_held_out(result: CalibrationResult, source: GenerationSource, fideli
         progress("measuring the chosen config(s) on the held-out inputs")
     scores: list[list[float]] = [[] for _ in chosen]
     forwards: list[list[float]] = [[] for _ in chosen]
+    references = []
     for index in range(len(source)):
         reference = detached(source.run(NEVER_SKIP, index))
+        references.append(reference)
         result.held_out_generations += 1
         for i, candidate in enumerate(chosen):
             output, computed = run_counted(source, candidate.config, index)
@@ -301,6 +303,17 @@ def measure_held_out(result: CalibrationResult, source: GenerationSource, fideli
     result.held_out = [
         HeldOutResult(candidate, sum(f) / len(f), mean_db(s), s) for candidate, f, s in zip(chosen, forwards, scores)
     ]
+    for held in result.held_out:  # the baseline every config must beat: fewer steps at the same forwards
+        steps = max(1, round(held.forwards))
+        fewer = []
+        for index, reference in enumerate(references):
+            output = source.run_fewer_steps(steps, index)
+            if output is None:
+                break
+            result.held_out_generations += 1
+            fewer.append(float(fidelity(output, reference)))
+        if fewer:
+            held.extra.update({"fewer_steps": steps, "fewer_steps_db": mean_db(fewer)})
 
 
 # -- goals and sources ----------------------------------------------------------------------------
@@ -310,8 +323,9 @@ def _goals(target_forwards: Any, min_psnr: Any) -> list[dict[str, float]]:
     if (target_forwards is None) == (min_psnr is None):
         raise ValueError("give exactly one goal: target_forwards (a budget or a list of budgets) or min_psnr")
     if min_psnr is not None:
-        if not isinstance(min_psnr, numbers.Real) or isinstance(min_psnr, bool) or not math.isfinite(min_psnr):
-            raise ValueError(f"min_psnr must be a finite number of dB, got {min_psnr!r}")
+        if (not isinstance(min_psnr, numbers.Real) or isinstance(min_psnr, bool) or not math.isfinite(min_psnr)
+                or min_psnr <= 0):
+            raise ValueError(f"min_psnr must be a finite number of dB > 0, got {min_psnr!r}")
         return [{"min_psnr": float(min_psnr)}]
     budgets = list(target_forwards) if isinstance(target_forwards, (list, tuple)) else [target_forwards]
     if not budgets:

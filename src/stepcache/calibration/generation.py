@@ -46,6 +46,11 @@ class GenerationSource:
         """The CFG scale the branches combine with, where the source knows it (diffusers pipelines)."""
         return None
 
+    def run_fewer_steps(self, steps: int, index: int) -> Any:
+        """Input ``index`` sampled with ``steps`` steps and no cache, or None where the step count is the
+        source's own (a generation function)."""
+        return None
+
     def solver_aware_effect(self) -> str:
         """What ``solver_aware`` does to this source's sampler: ``"unknown"`` (a function's loop: measure
         it), ``"multistep"`` (a solver with memory: it matters), ``"none"`` (no multistep memory: the run
@@ -109,6 +114,10 @@ class DiffusersSource(GenerationSource):
             return self.pipe(**self.inputs[index])
         finally:
             disable_step_cache(self.pipe)
+
+    def run_fewer_steps(self, steps: int, index: int) -> Any:
+        self._rewind[index]()
+        return self.pipe(**{**self.inputs[index], "num_inference_steps": steps})
 
     def guidance_scale(self) -> float | None:
         scale = getattr(self.pipe, "_guidance_scale", None)  # set by the pipeline's last call

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepcache.config import DiffusionCacheConfig, read_json_file
+from stepcache.config import DiffusionCacheConfig, describe_config, read_json_file
 
 FORMAT_NAME = "stepcache-calibration"
 FORMAT_VERSION = 1
@@ -176,16 +176,15 @@ class CalibrationResult:
             note = "" if choice.met else " (goal NOT met: the closest verified config)"
             lines.append(
                 f"{goal}: {candidate.label}: {_format(candidate.forwards)} forwards of {self.num_steps}, "
-                f"{_format(candidate.fidelity_db)} dB on the calibration inputs{note}"
+                f"{format_db(candidate.fidelity_db)} on the calibration inputs{note}"
             )
             for held in self.held_out:
                 if held.candidate is candidate:
-                    lines.append(
-                        f"  held out: {_format(held.forwards)} forwards, {_format(held.fidelity_db)} dB"
-                        + "".join(f", {k} {_format(v) if isinstance(v, float) else v}" for k, v in held.extra.items())
-                    )
+                    lines.append(f"  held out: {_format(held.forwards)} forwards, {format_db(held.fidelity_db)}"
+                                 + _baselines(held.extra))
+            lines.append(f"  config: {describe_config(candidate.config)}")
         verified = ", ".join(
-            f"{c.label} {_format(c.fidelity_db)} dB" for c in self.candidates if c.verified
+            f"{c.label} {format_db(c.fidelity_db)}" for c in self.candidates if c.verified
         )
         lines.append(f"verified: {verified}")
         lines.append(
@@ -322,6 +321,28 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def _baselines(extra: dict[str, Any]) -> str:
+    """The held-out comparisons at the same forwards: fewer steps (and the planned policy where measured)."""
+    if extra.get("fewer_steps_db") is None:
+        return ""
+    planned = "" if extra.get("planned_db") is None else f", planned policy {format_db(extra['planned_db'])}"
+    return f"; at {extra['fewer_steps']} forwards: fewer steps {format_db(extra['fewer_steps_db'])}{planned}"
+
+
+# Above this a PSNR only measures float rounding (float32 outputs that agree to the last bits land near
+# 140-210 dB): the outputs are the same.
+IDENTICAL_DB = 150.0
+
+
+def format_db(value: float | None) -> str:
+    """A fidelity for people: ``"identical"`` above :data:`IDENTICAL_DB` (or exact), else ``"31.2 dB"``."""
+    if value is None:
+        return "-"
+    if value > IDENTICAL_DB:
+        return "identical"
+    return f"{_format(value)} dB"
 
 
 def _format(value: float | None) -> str:

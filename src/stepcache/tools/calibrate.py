@@ -35,9 +35,9 @@ from stepcache.tools.common import (
     add_progress_argument,
     add_threads_argument,
     finite_float,
-    format_cache_config,
     format_number,
     nonnegative_float,
+    positive_float,
     positive_int,
     prepare_out_dir,
     prepare_out_file,
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     goal.add_argument("--target-forwards", type=_forward_budget, nargs="+", metavar="K",
                       help="at most K forwards per generation (1..the steps); best PSNR. Several K: one config each "
                            "(the file's \"config\" is the first K's)")
-    goal.add_argument("--min-psnr", type=finite_float, metavar="X", help="PSNR >= X dB; fewest forwards")
+    goal.add_argument("--min-psnr", type=positive_float, metavar="X", help="PSNR >= X dB; fewest forwards")
     parser.add_argument("--seed", type=seed_int, default=1,
                         help="seed of the calibration inputs (the bench evaluates seed 0)")
     parser.add_argument("--held-out-seed", type=seed_int, default=0, metavar="SEED",
@@ -350,47 +350,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(args: argparse.Namespace, setup: Setup, result: Any) -> None:
-    print(
-        f"{args.model}: {setup.num_steps} steps, {setup.scheduler}, guidance {format_number(setup.guidance_scale)}; "
-        f"calibration inputs {_inputs(result.calibration_inputs)}"
-        + (f"; held-out inputs {_inputs(result.held_out_inputs)}" if result.held_out_inputs else "")
-    )
-    for choice in result.choices:
-        candidate = choice.candidate
-        if candidate is None:
-            continue
-        goal = ", ".join(f"{k} {format_number(v)}" for k, v in choice.goal.items())
-        print(f"{goal}: {candidate.label}")
-        print(f"  calibration inputs: {format_number(candidate.forwards)} forwards, "
-              f"{_db(candidate.fidelity_db)} against the full-step output")
-        for held in result.held_out:
-            if held.candidate is candidate:
-                extra = held.extra
-                planned = "" if extra["planned_db"] is None else f", planned policy {_db(extra['planned_db'])}"
-                print(f"  held out: {format_number(held.forwards)} forwards, {_db(held.fidelity_db)}; at "
-                      f"{extra['fewer_steps']} forwards: fewer steps {_db(extra['fewer_steps_db'])}{planned}")
-        print(f"  config: {format_cache_config(candidate.config)}")
-    others = [c for c in result.verified if all(c is not ch.candidate for ch in result.choices)]
-    if others:
-        print("also verified: " + "; ".join(f"{c.label}: {_db(c.fidelity_db)}" for c in others))
+    """The model and sampler, then the report Python's ``result.summary()`` gives, then the wall time."""
+    print(f"{args.model}: {setup.num_steps} steps, {setup.scheduler}, guidance {format_number(setup.guidance_scale)}")
+    print(result.summary())
     timings = result.timings_s
     print(
-        f"cost: {result.generations} generations ({result.recorded_generations} recorded + "
-        f"{result.verification_generations} verification, limit {result.generation_limit}), "
-        f"{format_number(timings['calibration_total_s'])} s with loading"
-        + (f"; held-out report {result.held_out_generations} generations, {format_number(timings['held_out_s'])} s"
-           if "held_out_s" in timings else "")
+        f"time: {format_number(timings['calibration_total_s'])} s with loading"
+        + (f"; held-out report {format_number(timings['held_out_s'])} s" if "held_out_s" in timings else "")
     )
-
-
-def _db(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "exact" if math.isinf(value) else f"{format_number(value)} dB"
-
-
-def _inputs(described: list[Any]) -> str:
-    parts = []
-    for item in described:
-        parts.append(", ".join(f"{k} {v}" for k, v in item.items()) if isinstance(item, dict) else str(item))
-    return "; ".join(parts)

@@ -10,8 +10,10 @@ address is printed). Needs the ``serve`` extra (``pip install 'stepcache[serve]'
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 
 from stepcache.tools.common import (
@@ -102,14 +104,19 @@ def validate(args: argparse.Namespace) -> None:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback:
-        logger.warning("listening on %s: the server is reachable from the network (it has no authentication)", host)
     from stepcache.serving.server import bind_socket
 
     try:  # bind now: a port in use is a usage error before the model loads
         args.socket = bind_socket(host, args.port)
+    except socket.gaierror as err:  # the name or address itself does not resolve
+        raise UsageError(f"argument --host: {host!r} is not an address of this machine: {err.strerror or err}") \
+            from None
     except OSError as err:
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"argument --host: cannot listen on {host}: {err.strerror or err}") from None
         raise UsageError(f"argument --port: cannot listen on {host}:{args.port}: {err.strerror or err}") from None
+    if not loopback:
+        logger.warning("listening on %s: the server is reachable from the network (it has no authentication)", host)
 
 
 def run(args: argparse.Namespace) -> int:
