@@ -14,6 +14,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from stepcache.config import shown
 from stepcache.tools.common import (
     UsageError,
     add_cache_config_argument,
@@ -32,9 +33,11 @@ def _port(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: 0..65535 (0 = any free port)") from None
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)} is not an integer; allowed: 0..65535 (0 = any free port)"
+        ) from None
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 0..65535 (0 = any free port)")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: 0..65535 (0 = any free port)")
     return value
 
 
@@ -81,7 +84,7 @@ def validate(args: argparse.Namespace) -> None:
     except (RuntimeError, TypeError) as err:
         raise UsageError(f"argument --device: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"argument --device: {args.device!r} asked for, but torch sees no CUDA device")
+        raise UsageError(f"argument --device: {shown(args.device)} asked for, but torch sees no CUDA device")
     try:
         load_model(args.model)
     except (FileNotFoundError, ValueError) as err:
