@@ -20,10 +20,12 @@ Every other field is opt-in and defaults to the seed's behaviour; see :class:`St
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,14 +65,36 @@ USER_FIELD_NAMES: dict[str, str] = {
     "solver_aware": "step_cache_dit_solver_aware",
 }
 RUNTIME_FIELD_NAMES = {user: runtime for runtime, user in USER_FIELD_NAMES.items()}
+# The ``format`` a calibration file (stepcache.calibration.result) declares; a config file may be one.
+CALIBRATION_FORMAT_NAME = "stepcache-calibration"
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = 80
+_SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 8
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a readable length: every error message that echoes a value the caller gave
+    uses it, so a 5 MB config cannot become a 5 MB message."""
+    return _SHOWN.repr(value)
 
 
 def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
-    """The JSON value in ``path``; a missing, unreadable, empty or malformed file is a ValueError that
-    says what the file was for (``what``) and names it."""
+    """The JSON value in ``path``; a missing, unreadable, empty, non-UTF-8 (a pickle, any binary: it is
+    only ever parsed as JSON, never executed) or malformed file is a ValueError that says what the file
+    was for (``what``) and names it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {str(path)!r} is not UTF-8 JSON text (byte {err.start} is "
+            f"{err.object[err.start:err.start + 1]!r}); it should hold a JSON object, not a pickle or other binary "
+            "file"
+        ) from None
     except FileNotFoundError:
         raise ValueError(f"{what} {str(path)!r} does not exist") from None
     except OSError as err:
@@ -93,19 +117,19 @@ def _is_real(value: Any) -> bool:
 
 def _as_sequence(name: str, value: Any) -> tuple[Any, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a list or tuple, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be a list or tuple, got {shown(value)} ({type(value).__name__})")
     return tuple(value)
 
 
 def _count(name: str, value: Any, minimum: int, meaning: str) -> int:
     if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} ({meaning}), got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum} ({meaning}), got {shown(value)}")
     return int(value)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {shown(value)}")
     return str(value)
 
 
@@ -124,44 +148,44 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
         raise ValueError(
             f"{name('sim_thresholds')} and {name('skip_countdowns')} must have the same length; "
             f"got {len(thresholds)} and {len(countdowns)}. One countdown per threshold: thresholds "
-            f"{list(thresholds)}, countdowns {list(countdowns)}"
+            f"{shown(list(thresholds))}, countdowns {shown(list(countdowns))}"
         )
     if not isinstance(values["enabled"], bool):
-        raise ValueError(f"{name('enabled')} must be True or False, got {values['enabled']!r}")
+        raise ValueError(f"{name('enabled')} must be True or False, got {shown(values['enabled'])}")
     out["enabled"] = values["enabled"]
     min_history = values["min_history_steps"]
     if not _is_int(min_history) or min_history < 2:
         raise ValueError(
             f"{name('min_history_steps')} must be an integer >= 2 (the similarity compares the last two "
-            f"computed velocities), got {min_history!r}"
+            f"computed velocities), got {shown(min_history)}"
         )
     out["min_history_steps"] = int(min_history)
     max_history = values["max_history"]
     if not _is_int(max_history) or max_history < min_history:
         raise ValueError(
             f"{name('max_history')} must be an integer >= {name('min_history_steps')} ({min_history}), "
-            f"got {max_history!r}; a shorter history could never reach the minimum and would never skip"
+            f"got {shown(max_history)}; a shorter history could never reach the minimum and would never skip"
         )
     out["max_history"] = int(max_history)
 
     for i, threshold in enumerate(thresholds):
         if not _is_real(threshold):
-            raise ValueError(f"{name('sim_thresholds')}[{i}] must be a number in (-1, 1], got {threshold!r}")
+            raise ValueError(f"{name('sim_thresholds')}[{i}] must be a number in (-1, 1], got {shown(threshold)}")
         if math.isnan(threshold) or not -1.0 < threshold <= 1.0:
             raise ValueError(
-                f"{name('sim_thresholds')}[{i}] must be a cosine similarity in (-1, 1], got {threshold!r}"
+                f"{name('sim_thresholds')}[{i}] must be a cosine similarity in (-1, 1], got {shown(threshold)}"
             )
     for i in range(1, len(thresholds)):
         if not thresholds[i] < thresholds[i - 1]:
             raise ValueError(
                 f"{name('sim_thresholds')} must be strictly descending (the first threshold the similarity "
-                f"exceeds picks the countdown, so a later, higher one could never fire), got {list(thresholds)}"
+                f"exceeds picks the countdown, so a later, higher one could never fire), got {shown(list(thresholds))}"
             )
     for i, countdown in enumerate(countdowns):
         if not _is_int(countdown) or countdown < 1:
             raise ValueError(
                 f"{name('skip_countdowns')}[{i}] must be an integer >= 1 (the number of steps to skip), "
-                f"got {countdown!r}"
+                f"got {shown(countdown)}"
             )
     out["sim_thresholds"] = tuple(float(t) for t in thresholds)
     out["skip_countdowns"] = tuple(int(c) for c in countdowns)
@@ -170,11 +194,11 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
     if static_steps is not None:
         static_steps = _as_sequence(name("static_run_steps"), static_steps)
         if not all(_is_int(step) and step >= 0 for step in static_steps):
-            raise ValueError(f"{name('static_run_steps')} must hold step indices >= 0, got {list(static_steps)}")
+            raise ValueError(f"{name('static_run_steps')} must hold step indices >= 0, got {shown(list(static_steps))}")
         if 0 not in static_steps:
             raise ValueError(
                 f"{name('static_run_steps')} must include step 0 (there is nothing to reuse before the first "
-                f"computed step), got {list(static_steps)}"
+                f"computed step), got {shown(list(static_steps))}"
             )
         static_steps = tuple(sorted({int(step) for step in static_steps}))
     out["static_run_steps"] = static_steps
@@ -184,7 +208,7 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
     if not _is_real(budget) or not math.isfinite(budget) or budget <= 0:
         raise ValueError(
             f"{name('error_budget')} must be a finite number > 0 (the accumulated estimated relative error "
-            f"at which a skip window ends), got {budget!r}"
+            f"at which a skip window ends), got {shown(budget)}"
         )
     out["error_budget"] = float(budget)
     forwards, fraction = values["forward_budget"], values["forward_fraction"]
@@ -193,17 +217,18 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
     if fraction is not None and (not _is_real(fraction) or math.isnan(fraction) or not 0.0 < fraction <= 1.0):
         raise ValueError(
             f"{name('forward_fraction')} must be a number in (0, 1] (the share of the steps computed), "
-            f"got {fraction!r}"
+            f"got {shown(fraction)}"
         )
     if out["policy"] == PLANNED_POLICY and (forwards is None) == (fraction is None):
         raise ValueError(
-            f"{name('policy')} {PLANNED_POLICY!r} needs exactly one of {name('forward_budget')} (forwards per "
-            f"generation) and {name('forward_fraction')} (their share of the steps), got {forwards!r} and {fraction!r}"
+            f"{name('policy')} {shown(PLANNED_POLICY)} needs exactly one of {name('forward_budget')} (forwards per "
+            f"generation) and {name('forward_fraction')} (their share of the steps), got {shown(forwards)} and "
+            f"{shown(fraction)}"
         )
     if out["policy"] != PLANNED_POLICY and (forwards is not None or fraction is not None):
         raise ValueError(
             f"{name('forward_budget')} and {name('forward_fraction')} belong to {name('policy')} "
-            f"{PLANNED_POLICY!r}; with {out['policy']!r} they would be ignored: drop them or set the policy"
+            f"{shown(PLANNED_POLICY)}; with {shown(out['policy'])} they would be ignored: drop them or set the policy"
         )
     out["forward_budget"] = forwards
     out["forward_fraction"] = None if fraction is None else float(fraction)
@@ -219,11 +244,11 @@ def _validated(values: Mapping[str, Any], user_names: bool) -> dict[str, Any]:
     if not _is_real(damping) or math.isnan(damping) or not 0.0 <= damping <= 1.0:
         raise ValueError(
             f"{name('extrapolation_damping')} must be a number in [0, 1] (the fraction of the linear "
-            f"extrapolation applied; 0 reuses the cached velocity), got {damping!r}"
+            f"extrapolation applied; 0 reuses the cached velocity), got {shown(damping)}"
         )
     out["extrapolation_damping"] = float(damping)
     if not isinstance(values["solver_aware"], bool):
-        raise ValueError(f"{name('solver_aware')} must be True or False, got {values['solver_aware']!r}")
+        raise ValueError(f"{name('solver_aware')} must be True or False, got {shown(values['solver_aware'])}")
     out["solver_aware"] = values["solver_aware"]
 
     if static_steps is not None:
@@ -347,12 +372,12 @@ class StepCacheConfig:
         """Fail when this config cannot apply to a generation of ``num_steps`` steps (a fixed
         schedule that names steps past the end would silently reuse its last computed step)."""
         if not _is_int(num_steps) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+            raise ValueError(f"num_steps must be an integer >= 1, got {shown(num_steps)}")
         if self.enabled and self.static_run_steps is not None and self.static_run_steps[-1] >= num_steps:
             beyond = [s for s in self.static_run_steps if s >= num_steps]
             raise ValueError(
-                f"static_run_steps {list(self.static_run_steps)} (user field step_cache_dit_static_steps) names "
-                f"steps {beyond} past the end of a {num_steps}-step generation (steps 0..{num_steps - 1}); "
+                f"static_run_steps {shown(list(self.static_run_steps))} (user field step_cache_dit_static_steps) names "
+                f"steps {shown(beyond)} past the end of a {num_steps}-step generation (steps 0..{num_steps - 1}); "
                 f"give a schedule for {num_steps} steps"
             )
 
@@ -427,15 +452,15 @@ class DiffusionCacheConfig:
             try:
                 data = json.loads(data)
             except json.JSONDecodeError as err:
-                raise ValueError(f"cache config is not valid JSON ({err}): {data!r}") from None
+                raise ValueError(f"cache config is not valid JSON ({err}): {shown(data)}") from None
         if not isinstance(data, Mapping):
             raise ValueError(
-                f"cache config must be a JSON object / dict of fields, got {type(data).__name__}: {data!r}"
+                f"cache config must be a JSON object / dict of fields, got {type(data).__name__}: {shown(data)}"
             )
         valid = cls.field_names()
         unknown = sorted(str(key) for key in data if key not in valid)
         if unknown:
-            raise ValueError(f"unknown cache config key(s) {unknown}; valid keys are {valid}")
+            raise ValueError(f"unknown cache config key(s) {shown(unknown)}; valid keys are {valid}")
         return cls(**data)
 
     @classmethod
@@ -444,7 +469,15 @@ class DiffusionCacheConfig:
         file, or one with a bad value, is an error that names the path."""
         path = Path(path)
         data = read_json_file(path, "cache config file")
-        if isinstance(data, Mapping) and isinstance(data.get("config"), Mapping):
+        if isinstance(data, Mapping) and data.get("format") == CALIBRATION_FORMAT_NAME:
+            if not isinstance(data.get("config"), Mapping):
+                raise ValueError(
+                    f"cache config file {str(path)!r} is a calibration file without its chosen config "
+                    f"(its \"config\" is {shown(data.get('config'))}, not an object); no goal was met or the "
+                    "file was cut: rerun `stepcache calibrate`, or pick a candidate's config from the file"
+                )
+            data = data["config"]  # a calibration report: the config it chose
+        elif isinstance(data, Mapping) and isinstance(data.get("config"), Mapping):
             data = data["config"]  # a calibration report: the config it chose
         try:
             config = cls.from_dict(data)
@@ -457,7 +490,9 @@ class DiffusionCacheConfig:
     def preset(cls, name: str, **overrides: Any) -> DiffusionCacheConfig:
         """A named preset (see :data:`PRESETS`), optionally with some fields overridden."""
         if name not in PRESETS:
-            raise ValueError(f"unknown cache config preset {name!r}; presets: {sorted(PRESETS)}")
+            close = difflib.get_close_matches(str(name).strip().lower(), sorted(PRESETS), n=1, cutoff=0.6)
+            hint = f"; did you mean {shown(close[0])}?" if close else ""
+            raise ValueError(f"unknown cache config preset {shown(name)}; presets: {sorted(PRESETS)}{hint}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -489,6 +524,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 RECOMMENDED_PRESET = "balanced"
 
 
+def _looks_like_preset(value: str) -> bool:
+    """A bare word (no path separator, no ``.json``): what a preset name or a typo of one looks like."""
+    return os.sep not in value and "/" not in value and not value.strip().lower().endswith(".json")
+
+
+def _not_a_preset_message(value: str) -> str:
+    names = sorted(PRESETS)
+    close = difflib.get_close_matches(value.strip().lower(), names, n=1, cutoff=0.6)
+    hint = f"; did you mean {shown(close[0])}?" if close else ""
+    return (
+        f"cache config {shown(value)} is neither a preset (presets: {names}) nor an existing file{hint}"
+    )
+
+
 def as_diffusion_cache_config(
     value: DiffusionCacheConfig | StepCacheConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
 ) -> DiffusionCacheConfig:
@@ -507,6 +556,8 @@ def as_diffusion_cache_config(
     if isinstance(value, str) and value.strip() and value.lstrip()[0] not in "{[":
         if value in PRESETS:
             return DiffusionCacheConfig.preset(value)
+        if not Path(value).exists() and _looks_like_preset(value):
+            raise ValueError(_not_a_preset_message(value))
         return DiffusionCacheConfig.from_file(value)
     return DiffusionCacheConfig.from_dict(value)
 

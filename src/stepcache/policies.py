@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from stepcache.config import shown
+
 
 def window_costs(times: Sequence[float]) -> np.ndarray:
     """``cost[j, k]`` for ``0 <= j < k <= N``: the modelled error of computing step ``j`` and reusing
@@ -53,7 +55,7 @@ def plan_schedule(times: Sequence[float], forwards: int) -> tuple[int, ...]:
     """
     n = len(times) - 1
     if isinstance(forwards, bool) or not isinstance(forwards, int) or forwards < 1:
-        raise ValueError(f"forwards must be an integer >= 1, got {forwards!r}")
+        raise ValueError(f"forwards must be an integer >= 1, got {shown(forwards)}")
     if forwards >= n:
         return tuple(range(n))
     cost = window_costs(times)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stepcache.backend import StepCacheBackend
-from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config
+from stepcache.config import DiffusionCacheConfig, StepCacheConfig, as_diffusion_cache_config, shown
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
 STEP_CACHE_BACKEND_NAMES = ("step_cache", "stepcache", "step_cache_dit")
@@ -30,12 +30,12 @@ def get_cache_backend(
     if name is None:
         name, source = os.environ.get(CACHE_BACKEND_ENV, ""), CACHE_BACKEND_ENV
     if not isinstance(name, str):
-        raise ValueError(f"{source} must be a string or None, got {name!r}")
+        raise ValueError(f"{source} must be a string or None, got {shown(name)}")
     key = name.strip().lower()
     if key in NO_CACHE_NAMES:
         return None
     if key in STEP_CACHE_BACKEND_NAMES:
         return StepCacheBackend(config)
     raise ValueError(
-        f"unknown {source} {name!r}; supported: {list(STEP_CACHE_BACKEND_NAMES)}, or 'none' / None for no cache"
+        f"unknown {source} {shown(name)}; supported: {list(STEP_CACHE_BACKEND_NAMES)}, or 'none' / None for no cache"
     )

@@ -45,6 +45,7 @@ from stepcache.config import (
     DiffusionCacheConfig,
     StepCacheConfig,
     as_step_cache_config,
+    shown,
 )
 from stepcache.policies import plan_schedule, planned_forwards
 from stepcache.recording import RecordedStep, active_recording, detached_copy
@@ -491,14 +492,14 @@ def _checked_batch_part(batch_part: Any, process_group: Any) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in batch_part)
     except (TypeError, ValueError):
-        raise ValueError(f"batch_part must be (index, count), got {batch_part!r}") from None
+        raise ValueError(f"batch_part must be (index, count), got {shown(batch_part)}") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"batch_part must be (index, count) with 0 <= index < count, got {batch_part!r}")
+        raise ValueError(f"batch_part must be (index, count) with 0 <= index < count, got {shown(batch_part)}")
     import torch.distributed as dist
 
     world = dist.get_world_size(process_group)
     if count > world:
-        raise ValueError(f"batch_part {batch_part!r} has more parts than the group has ranks ({world})")
+        raise ValueError(f"batch_part {shown(batch_part)} has more parts than the group has ranks ({world})")
     return index, count
 
 

@@ -152,5 +152,5 @@ def test_a_result_file_that_is_not_one_is_refused(tmp_path):
         CalibrationResult.load(plain)
     broken = Path(tmp_path / "broken.json")
     broken.write_text('{"format": "stepcache-calibration", "version": 1, "candidates": [{}]}')
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match=r"broken\.json.*candidates\[0\]\.label is missing"):
         CalibrationResult.load(broken)

@@ -34,13 +34,14 @@ from stepcache.calibration.generation import (
     describe,
     detached,
     is_diffusers_pipeline,
+    non_finite,
     psnr_db,
 )
 from stepcache.calibration.policies import fit_error_budget, mean_forwards
 from stepcache.calibration.result import CalibrationResult, Candidate, Choice, HeldOutResult
 from stepcache.calibration.schedules import SkipModel, best_schedules, schedule_error
 from stepcache.calibration.trajectory import Trajectory, recorded_generations
-from stepcache.config import ERROR_BUDGET_POLICY, REUSE_MODES, DiffusionCacheConfig
+from stepcache.config import ERROR_BUDGET_POLICY, REUSE_MODES, DiffusionCacheConfig, shown
 from stepcache.recording import RecordedGeneration, record_generations
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,10 @@ class _Verifier:
                 self.progress(f"verifying {candidate.label}")
             forwards, scores = [], []
             for index, reference in enumerate(self.references):
-                output, computed = run_counted(self.source, candidate.config, index)
+                output, computed = run_counted(self.source, candidate.config, index, candidate.label)
                 self.generations += 1
                 forwards.append(computed)
-                scores.append(float(self.fidelity(output, reference)))
+                scores.append(_score(self.fidelity, output, reference, self.source, index, candidate.label))
             self.measured[key] = (sum(forwards) / len(forwards), scores)
         candidate.forwards, candidate.input_fidelity_db = self.measured[key][0], list(self.measured[key][1])
         candidate.fidelity_db = mean_db(candidate.input_fidelity_db)
@@ -156,9 +157,9 @@ def calibrate(
     """
     goals = _goals(target_forwards, min_psnr)
     if not isinstance(verifications, int) or isinstance(verifications, bool) or verifications < 1:
-        raise ValueError(f"verifications must be an integer >= 1, got {verifications!r}")
+        raise ValueError(f"verifications must be an integer >= 1, got {shown(verifications)}")
     if solver_aware not in (None, True, False):
-        raise ValueError(f"solver_aware must be None (measured), True or False, got {solver_aware!r}")
+        raise ValueError(f"solver_aware must be None (measured), True or False, got {shown(solver_aware)}")
     source = _source(pipeline_or_generate, inputs)
     if held_out is not None and inputs is None:
         raise ValueError("held_out needs inputs too: generate(config, input) is called with each held-out input")
@@ -253,18 +254,53 @@ def _record(source: GenerationSource) -> tuple[list[Any], list[RecordedGeneratio
         recorded = recorded_generations(recording)
         if not recorded:
             raise ValueError(_NOTHING_RECORDED)
+        # A non-finite velocity or output would make every error estimate and fidelity NaN, and the
+        # search would still pick (and report as met) some config: refuse, naming where it appeared.
+        for number, generation in enumerate(recorded):
+            for step in generation.steps:
+                where = non_finite(step.prediction)
+                if where is not None:
+                    raise ValueError(
+                        f"{_input_name(source, index)}, recorded generation {number}: the velocity of step "
+                        f"{step.step} is not finite ({where} are NaN or infinite); calibration needs a model "
+                        "whose full-step run is finite: check the input and the model"
+                    )
+        _check_output(output, source, index, "the full-step run (no skipping)")
         references.append(detached(output))
         generations.extend(recorded)
     return references, generations
 
 
-def run_counted(source: GenerationSource, config: DiffusionCacheConfig, index: int) -> tuple[Any, float]:
-    """Run input ``index`` under ``config``; return its output and the computed steps per generation."""
+def _input_name(source: GenerationSource, index: int) -> str:
+    return f"input {index} ({shown(describe(source.inputs[index]))})"
+
+
+def _check_output(output: Any, source: GenerationSource, index: int, run: str) -> None:
+    where = non_finite(output)
+    if where is not None:
+        raise ValueError(
+            f"{_input_name(source, index)}: the output of {run} is not finite ({where} are NaN or infinite); "
+            "a fidelity measured on it would mean nothing"
+        )
+
+
+def _score(fidelity: Fidelity, output: Any, reference: Any, source: GenerationSource, index: int, run: str) -> float:
+    score = float(fidelity(output, reference))
+    if math.isnan(score) or score == -math.inf:
+        raise ValueError(f"{_input_name(source, index)}: the fidelity of {run} is {score}; it must be a number of dB")
+    return score
+
+
+def run_counted(source: GenerationSource, config: DiffusionCacheConfig, index: int,
+                label: str = "a candidate config") -> tuple[Any, float]:
+    """Run input ``index`` under ``config``; return its output and the computed steps per generation.
+    A non-finite output is an error naming the input and the config (``label``)."""
     with record_generations() as recording:
         output = source.run(config, index)
     recorded = recorded_generations(recording)
     if not recorded:
         raise ValueError(_NOTHING_RECORDED)
+    _check_output(output, source, index, label)
     return output, sum(sum(step.ran for step in g.steps) for g in recorded) / len(recorded)
 
 
@@ -291,14 +327,16 @@ def measure_held_out(result: CalibrationResult, source: GenerationSource, fideli
     forwards: list[list[float]] = [[] for _ in chosen]
     references = []
     for index in range(len(source)):
-        reference = detached(source.run(NEVER_SKIP, index))
+        output = source.run(NEVER_SKIP, index)
+        _check_output(output, source, index, "the full-step run (no skipping)")
+        reference = detached(output)
         references.append(reference)
         result.held_out_generations += 1
         for i, candidate in enumerate(chosen):
-            output, computed = run_counted(source, candidate.config, index)
+            output, computed = run_counted(source, candidate.config, index, candidate.label)
             result.held_out_generations += 1
             forwards[i].append(computed)
-            scores[i].append(float(fidelity(output, reference)))
+            scores[i].append(_score(fidelity, output, reference, source, index, candidate.label))
     result.held_out_inputs = [describe(x) for x in source.inputs]
     result.held_out = [
         HeldOutResult(candidate, sum(f) / len(f), mean_db(s), s) for candidate, f, s in zip(chosen, forwards, scores)
@@ -325,14 +363,16 @@ def _goals(target_forwards: Any, min_psnr: Any) -> list[dict[str, float]]:
     if min_psnr is not None:
         if (not isinstance(min_psnr, numbers.Real) or isinstance(min_psnr, bool) or not math.isfinite(min_psnr)
                 or min_psnr <= 0):
-            raise ValueError(f"min_psnr must be a finite number of dB > 0, got {min_psnr!r}")
+            raise ValueError(f"min_psnr must be a finite number of dB > 0, got {shown(min_psnr)}")
         return [{"min_psnr": float(min_psnr)}]
     budgets = list(target_forwards) if isinstance(target_forwards, (list, tuple)) else [target_forwards]
     if not budgets:
         raise ValueError("target_forwards is an empty list; give at least one budget")
     for budget in budgets:
         if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not math.isfinite(budget) or budget < 1:
-            raise ValueError(f"target_forwards must be numbers >= 1 (computed steps per generation), got {budget!r}")
+            raise ValueError(
+                f"target_forwards must be numbers >= 1 (computed steps per generation), got {shown(budget)}"
+            )
     if len(set(budgets)) != len(budgets):
         raise ValueError(f"target_forwards has repeated budgets: {budgets}")
     return [{"target_forwards": float(budget) if not float(budget).is_integer() else int(budget)} for budget in budgets]

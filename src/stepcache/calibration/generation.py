@@ -202,6 +202,17 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return tensors
 
 
+def non_finite(value: Any) -> str | None:
+    """Where ``value`` (an output or a prediction: a tensor or a structure of them) holds NaN or an
+    infinity, e.g. ``"tensor 0 (3 of 64 elements)"``; None where every element is finite."""
+    for i, tensor in enumerate(output_tensors(value)):
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                return f"tensor {i} ({bad} of {tensor.numel()} elements)"
+    return None
+
+
 def psnr_db(output: Any, reference: Any, *, peak: float | None = None) -> float:
     """The default fidelity: PSNR (dB) of the output's first tensor against the full-step output's,
     ``10 log10(peak^2 / MSE)``; ``peak`` defaults to the full-step tensor's range (max - min). ``inf``

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepcache.config import DiffusionCacheConfig, describe_config, read_json_file
+from stepcache.config import DiffusionCacheConfig, describe_config, read_json_file, shown
 
 FORMAT_NAME = "stepcache-calibration"
 FORMAT_VERSION = 1
@@ -77,15 +77,15 @@ class Candidate:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Candidate:
+    def _read(cls, data: _Fields) -> Candidate:
         return cls(
-            label=str(data["label"]),
-            target_forwards=data["target_forwards"],
-            config=DiffusionCacheConfig.from_dict(data["config"]),
-            predicted_error=_float(data["predicted_error"]),
-            forwards=data.get("forwards"),
-            fidelity_db=_float(data.get("fidelity_db")),
-            input_fidelity_db=[_float(v) for v in data.get("input_fidelity_db", [])],
+            label=data.text("label"),
+            target_forwards=data.number("target_forwards", minimum=1),
+            config=data.config("config"),
+            predicted_error=data.number("predicted_error", minimum=0, optional=True, infinite=True),
+            forwards=data.number("forwards", minimum=0, optional=True),
+            fidelity_db=data.number("fidelity_db", optional=True, infinite=True),
+            input_fidelity_db=data.numbers("input_fidelity_db", infinite=True),
         )
 
 
@@ -252,47 +252,175 @@ class CalibrationResult:
         if not isinstance(data, Mapping) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(
-                f"calibration file {str(path)!r} has format {found!r}, expected {FORMAT_NAME!r} (a plain config "
+                f"calibration file {str(path)!r} has format {shown(found)}, expected {FORMAT_NAME!r} (a plain config "
                 "file is read with DiffusionCacheConfig.from_file)"
             )
         if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"calibration file {str(path)!r}: version {data.get('version')!r} is not supported")
-        try:
-            return cls._from_dict(data)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"calibration file {str(path)!r} is malformed: {err!r}") from None
+            raise ValueError(f"calibration file {str(path)!r}: version {shown(data.get('version'))} is not supported")
+        return cls._read(_Fields(data, f"calibration file {str(path)!r}", ""))
 
     @classmethod
-    def _from_dict(cls, data: Mapping[str, Any]) -> CalibrationResult:
-        candidates = [Candidate.from_dict(c) for c in data["candidates"]]
-        choices = [
-            Choice(dict(c["goal"]), None if c["candidate"] is None else candidates[c["candidate"]], bool(c["met"]))
-            for c in data["choices"]
-        ]
+    def _read(cls, data: _Fields) -> CalibrationResult:
+        """The whole file checked, field by field: a wrong type, range or index is an error naming the
+        field, never a silently different result (a ``choice`` of -1 would be Python's last candidate)."""
+        candidates = [Candidate._read(c) for c in data.items("candidates")]
+        verified = {i for i, c in enumerate(candidates) if c.verified}
+        choices = []
+        for choice in data.items("choices"):
+            index = choice.index("candidate", len(candidates), optional=True)
+            met = choice.flag("met")
+            if index is not None and index not in verified:
+                choice.fail("candidate", f"is {index}, a candidate without a measured fidelity_db; a choice is "
+                            "always a verified candidate")
+            if met and index is None:
+                choice.fail("met", "is true but no candidate was chosen")
+            choices.append(Choice(choice.goal("goal"), None if index is None else candidates[index], met))
         held_out = [
-            HeldOutResult(candidates[h["candidate"]], h["forwards"], _float(h["fidelity_db"]),
-                          [_float(v) for v in h.get("input_fidelity_db", [])], dict(h.get("extra", {})))
-            for h in data.get("held_out", [])
+            HeldOutResult(candidates[h.index("candidate", len(candidates))], h.number("forwards", minimum=0),
+                          h.number("fidelity_db", infinite=True), h.numbers("input_fidelity_db", infinite=True),
+                          h.mapping("extra", optional=True))
+            for h in data.items("held_out", optional=True)
         ]
-        generations = data["generations"]
-        inputs = data.get("inputs", {})
+        generations = data.section("generations")
+        inputs = data.section("inputs", optional=True)
         return cls(
             choices=choices,
             candidates=candidates,
-            recorded_generations=int(generations["recorded"]),
-            verification_generations=int(generations["verification"]),
-            generation_limit=int(generations["limit"]),
-            calibration_inputs=list(inputs.get("calibration", [])),
-            num_steps=int(data["num_steps"]),
-            timesteps=[float(t) for t in data["timesteps"]],
-            fidelity=str(data["fidelity"]),
-            held_out_inputs=list(inputs.get("held_out", [])),
+            recorded_generations=generations.count("recorded"),
+            verification_generations=generations.count("verification"),
+            generation_limit=generations.count("limit"),
+            calibration_inputs=inputs.sequence("calibration", optional=True),
+            num_steps=data.count("num_steps", minimum=1),
+            timesteps=data.numbers("timesteps", required=True),
+            fidelity=data.text("fidelity"),
+            held_out_inputs=inputs.sequence("held_out", optional=True),
             held_out=held_out,
-            held_out_generations=int(generations.get("held_out", 0)),
-            fits=list(data.get("fits", [])),
-            timings_s=dict(data.get("timings_s", {})),
-            metadata=dict(data.get("metadata", {})),
+            held_out_generations=generations.count("held_out", optional=True),
+            fits=data.sequence("fits", optional=True),
+            timings_s=data.mapping("timings_s", optional=True),
+            metadata=data.mapping("metadata", optional=True),
         )
+
+
+_MISSING = object()
+
+
+class _Fields:
+    """One JSON object of a calibration file, read with its types checked: JSON booleans and numbers
+    only (``"false"`` is not a boolean), ``"inf"`` only where an exact output's fidelity may be."""
+
+    def __init__(self, data: Any, file: str, where: str) -> None:
+        self.file, self.where = file, where
+        if not isinstance(data, Mapping):
+            self._fail(f"{where or 'the file'} must be a JSON object, got {shown(data)}")
+        self.data = data
+
+    def _fail(self, message: str) -> None:
+        raise ValueError(f"{self.file}: {message}")
+
+    def fail(self, key: str, message: str) -> None:
+        self._fail(f"{self._name(key)} {message}")
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, optional: bool) -> Any:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            if not optional:
+                self.fail(key, "is missing")
+            return None
+        return value
+
+    def _number(self, key: str, value: Any, minimum: float | None, infinite: bool) -> float:
+        if infinite and value in ("inf", "-inf"):
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            allowed = "a JSON number" + (' or "inf"' if infinite else "")
+            self.fail(key, f"must be {allowed}, got {shown(value)}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"must be >= {minimum}, got {shown(value)}")
+        return float(value)
+
+    def number(self, key: str, minimum: float | None = None, optional: bool = False, infinite: bool = False) -> Any:
+        value = self._get(key, optional)
+        return None if value is None and optional else self._number(key, value, minimum, infinite)
+
+    def numbers(self, key: str, infinite: bool = False, required: bool = False) -> list[float]:
+        values = self._get(key, optional=not required)
+        if values is None:
+            return []
+        if not isinstance(values, list):
+            self.fail(key, f"must be a list of numbers, got {shown(values)}")
+        return [self._number(f"{key}[{i}]", v, None, infinite) for i, v in enumerate(values)]
+
+    def count(self, key: str, minimum: int = 0, optional: bool = False) -> int:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, f"must be an integer >= {minimum}, got {shown(value)}")
+        return value
+
+    def index(self, key: str, size: int, optional: bool = False) -> int | None:
+        value = self._get(key, optional=False)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+            allowed = f"0..{size - 1}" if size else "none (the file has no candidates)"
+            allowed += ", or null" if optional else ""
+            self.fail(key, f"must be a candidate index ({allowed}), got {shown(value)}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self._get(key, optional=False)
+        if not isinstance(value, bool):
+            self.fail(key, f"must be a JSON boolean (true or false), got {shown(value)}")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self._get(key, optional=False)
+        if not isinstance(value, str):
+            self.fail(key, f"must be a string, got {shown(value)}")
+        return value
+
+    def mapping(self, key: str, optional: bool = False) -> dict[str, Any]:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(key, f"must be a JSON object, got {shown(value)}")
+        return dict(value)
+
+    def sequence(self, key: str, optional: bool = False) -> list[Any]:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return []
+        if not isinstance(value, list):
+            self.fail(key, f"must be a list, got {shown(value)}")
+        return list(value)
+
+    def section(self, key: str, optional: bool = False) -> _Fields:
+        value = self._get(key, optional)
+        return _Fields({} if value is None and optional else value, self.file, self._name(key))
+
+    def items(self, key: str, optional: bool = False) -> list[_Fields]:
+        return [_Fields(v, self.file, f"{self._name(key)}[{i}]") for i, v in enumerate(self.sequence(key, optional))]
+
+    def goal(self, key: str) -> dict[str, float]:
+        goal = self.section(key)
+        if set(goal.data) not in ({"target_forwards"}, {"min_psnr"}):
+            self.fail(key, f'must be {{"target_forwards": K}} or {{"min_psnr": X}}, got {shown(goal.data)}')
+        name = next(iter(goal.data))
+        return {name: goal.number(name, minimum=1 if name == "target_forwards" else None)}
+
+    def config(self, key: str) -> DiffusionCacheConfig:
+        value = self._get(key, optional=False)
+        try:
+            return DiffusionCacheConfig.from_dict(value)
+        except (TypeError, ValueError) as err:
+            self.fail(key, f"is not a valid cache config: {err}")
+            raise  # unreachable: fail raises
 
 
 def _number(value: float | None) -> float | str | None:
@@ -303,12 +431,6 @@ def _number(value: float | None) -> float | str | None:
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return None if math.isnan(value) else value
-
-
-def _float(value: Any) -> float | None:
-    if value is None:
-        return None
-    return float(value)  # float("inf") reads the string back
 
 
 def _json_safe(value: Any) -> Any:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from stepcache.calibration.trajectory import Trajectory
-from stepcache.config import REUSE_CACHED, REUSE_EXTRAPOLATE, REUSE_MODES
+from stepcache.config import REUSE_CACHED, REUSE_EXTRAPOLATE, REUSE_MODES, shown
 
 Schedule = tuple[int, ...]
 
@@ -54,9 +54,9 @@ class SkipModel:
 
     def __post_init__(self) -> None:
         if self.reuse not in REUSE_MODES:
-            raise ValueError(f"reuse must be one of {list(REUSE_MODES)}, got {self.reuse!r}")
+            raise ValueError(f"reuse must be one of {list(REUSE_MODES)}, got {shown(self.reuse)}")
         if not 0.0 <= self.damping <= 1.0:
-            raise ValueError(f"damping must be in [0, 1], got {self.damping!r}")
+            raise ValueError(f"damping must be in [0, 1], got {shown(self.damping)}")
 
     @property
     def uses_previous(self) -> bool:

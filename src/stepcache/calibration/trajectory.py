@@ -70,6 +70,9 @@ class Trajectory:
             raise ValueError(f"every step velocity must have the same shape; got {shapes}")
         if len(shape) < 1 or shape[0] == 0:
             raise ValueError(f"velocities need a non-empty leading batch dimension, got shape {shape}")
+        for step, v in enumerate(velocities):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"the velocity of step {step} is not finite (NaN or infinite elements)")
         batch = shape[0]
         flat = [v.detach().reshape(batch, -1) for v in velocities]
         width = flat[0].shape[1]
@@ -80,6 +83,8 @@ class Trajectory:
             norms_sq += (part * part).sum(-1).cpu()
             part = part - part.mean(dim=1, keepdim=True)
             gram += torch.einsum("bic,bjc->bij", part, part).cpu()
+        if not bool(torch.isfinite(gram).all() and torch.isfinite(norms_sq).all()):
+            raise ValueError("the step velocities are too large: their inner products overflow float64")
         return cls(torch.tensor(times, dtype=torch.float64), gram, norms_sq.sqrt())
 
     @classmethod

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stepcache.config import as_step_cache_config
+from stepcache.config import as_step_cache_config, shown
 from stepcache.tools.benchmark.harness import CALIBRATED, BenchTarget
 from stepcache.tools.benchmark.report import (
     benchmark_json,
@@ -85,7 +85,7 @@ def validate(args: argparse.Namespace) -> None:
 def load_bundled(model: str) -> Any:
     """The bundled model's pipeline: a ``DreamZeroPipeline`` or a ``WanDigits``."""
     if model not in MODELS:
-        raise ValueError(f"no benchmark target for model {model!r}; available: {list(MODELS)}")
+        raise ValueError(f"no benchmark target for model {shown(model)}; available: {list(MODELS)}")
     if model == "dreamzero-mini":
         from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
 

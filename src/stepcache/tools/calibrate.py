@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stepcache.config import shown
 from stepcache.tools.common import (
     UsageError,
     add_json_argument,
@@ -72,7 +73,7 @@ def _forward_budget(text: str) -> float:
     """--target-forwards: a number >= 1 (the upper bound, the model's step count, is checked once it is known)."""
     value = finite_float(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 1..the model's step count")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: 1..the model's step count")
     return value
 
 

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterator
 
 import stepcache
-from stepcache.tools.common import EXIT_USAGE, ArgumentParser, HelpFormatter, UsageError
+from stepcache.tools.common import EXIT_USAGE, ArgumentParser, HelpFormatter, UsageError, error_line
 
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 validate(args)
             return int(module.run(args) or 0)
         except UsageError as err:
-            print(f"stepcache {args.command}: error: {err}", file=sys.stderr)
+            print(f"stepcache {args.command}: error: {error_line(err)}", file=sys.stderr)
             return EXIT_USAGE
         except KeyboardInterrupt:
             print(f"stepcache {args.command}: interrupted", file=sys.stderr)

@@ -23,19 +23,33 @@ from pathlib import Path
 from typing import Any
 
 import stepcache
+from stepcache.config import shown
 
 EXIT_USAGE = 2  # argparse's status for a usage error
+
+
+# The longest error line the CLI prints: argparse echoes whole argument values (a 5 MB --cache-config
+# would be a 5 MB line); our own messages already cut the values they echo (stepcache.config.shown).
+MAX_ERROR_CHARS = 2000
 
 
 class UsageError(Exception):
     """A bad command-line value: printed as one line (no traceback), exit status 2."""
 
 
+def error_line(message: object) -> str:
+    """``message`` cut to at most :data:`MAX_ERROR_CHARS` characters."""
+    text = str(message)
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters cut)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a usage error on one line: ``stepcache demo: error: argument --x: ... (see --help)``."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {error_line(message)} (see '{self.prog} --help')\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,9 +82,9 @@ def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= {minimum}") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer; allowed: an integer >= {minimum}") from None
     if value < minimum:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= {minimum}")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: an integer >= {minimum}")
     return value
 
 
@@ -89,9 +103,9 @@ def finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a finite number")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: a finite number")
     return value
 
 
@@ -99,7 +113,7 @@ def positive_float(text: str) -> float:
     """A finite number > 0."""
     value = finite_float(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a number > 0")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: a number > 0")
     return value
 
 
@@ -107,7 +121,7 @@ def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
     value = finite_float(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a number >= 0")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: a number >= 0")
     return value
 
 

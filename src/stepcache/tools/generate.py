@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stepcache.config import RECOMMENDED_PRESET
+from stepcache.config import RECOMMENDED_PRESET, shown
 from stepcache.tools.common import (
     UsageError,
     add_cache_config_argument,
@@ -54,9 +54,9 @@ def _class_list(text: str) -> list[int]:
     try:
         classes = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of digits, e.g. 0,1,2") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of digits, e.g. 0,1,2") from None
     if not classes or any(not 0 <= c <= 9 for c in classes):
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: digits 0..9, e.g. 0,1,2")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: digits 0..9, e.g. 0,1,2")
     return classes
 
 

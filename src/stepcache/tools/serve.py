@@ -16,6 +16,7 @@ import logging
 import socket
 from pathlib import Path
 
+from stepcache.config import shown
 from stepcache.tools.common import (
     UsageError,
     add_cache_config_argument,
@@ -34,9 +35,11 @@ def _port(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: 0..65535 (0 = any free port)") from None
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)} is not an integer; allowed: 0..65535 (0 = any free port)"
+        ) from None
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 0..65535 (0 = any free port)")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not allowed; allowed: 0..65535 (0 = any free port)")
     return value
 
 
@@ -92,7 +95,7 @@ def validate(args: argparse.Namespace) -> None:
     except (RuntimeError, TypeError) as err:
         raise UsageError(f"argument --device: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"argument --device: {args.device!r} asked for, but torch sees no CUDA device")
+        raise UsageError(f"argument --device: {shown(args.device)} asked for, but torch sees no CUDA device")
     try:
         load_model(args.model)
     except (FileNotFoundError, ValueError) as err:
