@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepcache.config import DiffusionCacheConfig, describe_config, read_json_file, shown
+from stepcache.config import DiffusionCacheConfig, StepCacheConfig, describe_config, read_json_file, shown
 
 FORMAT_NAME = "stepcache-calibration"
 FORMAT_VERSION = 1
@@ -417,7 +417,9 @@ class _Fields:
     def config(self, key: str) -> DiffusionCacheConfig:
         value = self._get(key, optional=False)
         try:
-            return DiffusionCacheConfig.from_dict(value)
+            config = DiffusionCacheConfig.from_dict(value)
+            StepCacheConfig.from_diffusion_cache_config(config)  # a file's values are checked as it is read
+            return config
         except (TypeError, ValueError) as err:
             self.fail(key, f"is not a valid cache config: {err}")
             raise  # unreachable: fail raises
