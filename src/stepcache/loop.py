@@ -11,8 +11,10 @@
 
 Generation boundaries are explicit: ``generation()`` (or ``reset()``) starts one, and a step that
 cannot belong to the open generation is an error rather than a silent reuse of another generation's
-velocities (past its known step count, after the ``with`` block, or a timestep that does not continue
-the generation's direction).
+velocities (past its known step count, after the ``with`` block, a timestep that does not continue
+the generation's direction, or a fixed schedule whose step count is unknown). A model that returns its
+output in the storage of a cached prediction (one reused buffer) is an error that asks for
+``clone_outputs=True``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from stepcache.config import REUSE_CACHED, StepCacheConfig
+from stepcache.config import REUSE_CACHED, StepCacheConfig, shown
 from stepcache.state import StepCacheState, _as_time
 
 logger = logging.getLogger(__name__)
@@ -167,11 +169,31 @@ class VelocityCache:
         if self.clone_outputs:
             entry = _clone(entry)
             prediction = _rebuild(prediction, entry)
+        elif not self.config.never_skips:  # a config that never reuses is not hurt by a reused buffer
+            self._check_fresh_storage(entry)
         self.state.commit_step(decision)
         self.state.push_computed(self.history, entry)
         self._last_prediction = prediction
         self.ran_last_step = True
         return prediction
+
+    def _check_fresh_storage(self, entry: tuple[Any, ...]) -> None:
+        """A model that writes every output into one buffer (compiled / CUDA-graph models) would make
+        the cached velocity the new one: every similarity 1.0, every skip reusing the latest output.
+        Comparing storage addresses with the history costs nothing and catches it before it is cached."""
+        cached = {
+            t.untyped_storage().data_ptr()
+            for old in self.history for t in old
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != 0
+        }
+        for i, tensor in enumerate(entry):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in cached:
+                raise RuntimeError(
+                    f"step {self.state.step_index}: the model returned element [{i}] in the same storage as an "
+                    "earlier step's cached prediction (it reuses its output buffer); the cache would compare and "
+                    "reuse overwritten values. Pass VelocityCache(..., clone_outputs=True), or return a new "
+                    "tensor each call"
+                )
 
     def _enter_step(self, t: float | None) -> None:
         """Check that this step can belong to the open generation (see the module docstring)."""
@@ -198,6 +220,16 @@ class VelocityCache:
                     "`with cache.generation(num_steps):`) first"
                 )
             self._direction = moved
+        if t is None and self.state.generation_steps is None and self.config.enabled and (
+            self.config.static_run_steps is not None
+        ):
+            # A fixed schedule past its last run step skips every step: a second generation driven on
+            # without reset() would compute nothing and return the first one's velocities.
+            raise RuntimeError(
+                f"a fixed schedule (static_run_steps {shown(list(self.config.static_run_steps))}) needs the "
+                "generation's step count: use `with cache.generation(num_steps):` or cache.reset(num_steps), or "
+                "pass timestep= to every step()"
+            )
         if (
             t is None
             and self.state.generation_steps is None

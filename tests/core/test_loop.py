@@ -213,3 +213,41 @@ def test_never_skip_configs_are_bit_identical_to_no_cache():
         for _ in range(10):
             x_ref = x_ref - 0.1 * torch.tanh(x_ref @ weight)
         assert torch.equal(x, x_ref) and cache.state.computed_steps == 10
+
+
+def test_a_fixed_schedule_without_a_step_count_is_refused():
+    """Driven on without reset(), a fixed schedule past its last run step would compute nothing and
+    answer the second generation with the first one's velocities."""
+    cache = VelocityCache(StepCacheConfig(static_run_steps=(0, 1, 3)))
+    with pytest.raises(RuntimeError, match="needs the generation's step count"):
+        cache.step(lambda: torch.ones(1, 2))
+    with cache.generation(), pytest.raises(RuntimeError, match="needs the generation's step count"):
+        cache.step(lambda: torch.ones(1, 2))
+    with cache.generation():  # a timestep per step bounds the generation instead
+        for t in (1.0, 0.5, 0.25):
+            cache.step(lambda: torch.ones(1, 2), timestep=t)
+        with pytest.raises(RuntimeError, match="does not continue this generation"):
+            cache.step(lambda: torch.ones(1, 2), timestep=1.0)
+
+
+@pytest.mark.parametrize("shape", ["same", "view", "tuple"])
+def test_a_model_that_reuses_its_output_buffer_is_refused(shape):
+    buffer = torch.zeros(2, 4)
+
+    def model():  # like a CUDA graph: every call writes into the one buffer
+        buffer.copy_(torch.randn(2, 4))
+        if shape == "view":
+            return buffer[:, :2]
+        return (torch.randn(2, 4), buffer) if shape == "tuple" else buffer
+
+    cache = VelocityCache(StepCacheConfig(sim_thresholds=(0.999,), skip_countdowns=(1,)))
+    with cache.generation(4):
+        cache.step(model)
+        with pytest.raises(RuntimeError, match=r"same storage .* clone_outputs=True"):
+            cache.step(model)
+        assert len(cache.state.trace) == 1  # refused before anything was counted
+    protected = VelocityCache(StepCacheConfig(sim_thresholds=(0.999,), skip_countdowns=(1,)), clone_outputs=True)
+    with protected.generation(4):
+        for _ in range(4):
+            protected.step(model)
+    assert protected.state.computed_steps == 4  # random outputs: never similar enough to skip
