@@ -34,7 +34,8 @@ pip_install() {
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing $TORCH_SPEC ${STEPCACHE_TORCH_PIP_ARGS:-}"
     pip_install "$TORCH_SPEC" "${TORCH_PIP_ARGS[@]}"
-    "$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
+    # numpy comes with the extras below: torch's warning that it is missing means nothing yet.
+    "$VENV/bin/python" -W "ignore::UserWarning" -c "import torch; print('setup: torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 fi
 echo "setup: installing stepcache with all extras"
 pip_install -e ".[all]"

@@ -56,6 +56,10 @@ def test_happy_path_open_send_observations_get_actions_and_stats_close(served, t
         assert stats["schedule"] == expected.stats.schedule and stats["dit_forwards"] == expected.stats.dit_forwards
         assert stats["chunk_index"] == chunk and stats["latency_s"] > 0 and stats["queue_s"] >= 0
         assert stats["server_s"] >= stats["latency_s"] and stats["session_id"] == session_id
+        # the documented trace: the same decisions (similarities agree to float32 rounding, as the actions do)
+        decisions = [(r["step"], r["ran"], r["reason"]) for r in stats["trace"]]
+        assert decisions == [(r["step"], r["ran"], r["reason"]) for r in expected.stats.trace]
+        assert len(decisions) == len(stats["schedule"])
         if chunk == 1:
             np.testing.assert_allclose(np.array(data["frames"]), expected.frames, atol=1e-5, rtol=0)
         else:

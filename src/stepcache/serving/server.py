@@ -354,7 +354,6 @@ def create_app(
             raise HTTPException(500, f"the chunk failed on the server ({type(error).__name__}: {error}); the "
                                      "session's episode is as before it, so the chunk can be retried") from None
         stats = output.stats.to_dict()
-        stats.pop("trace")
         stats["server_s"] = time.perf_counter() - start
         return {
             "actions": output.actions.tolist(),

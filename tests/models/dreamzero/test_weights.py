@@ -41,6 +41,19 @@ def test_round_trip_is_exact(tmp_path):
     assert load_config(out_dir)["note"] == "test"
 
 
+def test_weights_get_the_umask_mode_like_the_config(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out_dir = save_model(make_tiny_model(), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((out_dir / name).stat().st_mode) for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    assert modes == {WEIGHTS_NAME: 0o644, CONFIG_NAME: 0o644}
+
+
 def test_half_precision_storage_loads_as_float32(tmp_path):
     model = make_tiny_model()
     loaded = load_model(save_model(model, tmp_path / "m", dtype=torch.float16))

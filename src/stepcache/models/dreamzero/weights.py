@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from stepcache.models.checkpoint import load_checked_state, read_safetensors
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, DreamZeroMiniConfig
@@ -63,7 +63,8 @@ def save_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to(dtype).contiguous() for name, t in model.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "model_type": MODEL_TYPE})
+    # save() + write_bytes rather than save_file so the file gets the umask's mode (save_file makes it 0600).
+    (out / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", "model_type": MODEL_TYPE}))
     config = {
         "model_type": MODEL_TYPE,
         "format_version": FORMAT_VERSION,
