@@ -158,15 +158,24 @@ def test_command_lines_parse(block: Block, capsys: pytest.CaptureFixture[str]) -
     import importlib
 
     from stepcache.tools.cli import _build_parser, _subparser
+    from stepcache.tools.common import UsageError, checked_cache_config
 
     for words in _stepcache_commands(block):
         parser = _build_parser()
         try:
             known, _ = parser.parse_known_args(words)
             importlib.import_module(known._module).add_arguments(_subparser(parser, known.command))
-            parser.parse_args(words)
+            args = parser.parse_args(words)
         except SystemExit as exit_info:
             raise AssertionError(f"{block.name}: `stepcache {shlex.join(words)}` does not parse") from exit_info
+        # A --cache-config is read as the tool reads it (JSON, a preset or a file), except a file that an
+        # earlier command of the docs writes.
+        value = getattr(args, "cache_config", None)
+        if isinstance(value, str) and not (value.endswith(".json") and not Path(value).exists()):
+            try:
+                checked_cache_config(value)
+            except UsageError as err:
+                raise AssertionError(f"{block.name}: `stepcache {shlex.join(words)}`: {err}") from None
         warning = capsys.readouterr().err
         assert "deprecated" not in warning, f"{block.name}: `stepcache {shlex.join(words)}`: {warning.strip()}"
 
