@@ -27,7 +27,7 @@ def test_quick_bench_results_are_marked_not_for_timing(tmp_path, monkeypatch, ca
     monkeypatch.setattr(bench, "build_target", lambda model, **_: SimpleNamespace(name=model, num_steps=16))
     monkeypatch.setattr(bench, "calibrate_bundled", lambda model, **_: SimpleNamespace(choices=[]))
     monkeypatch.setattr(bench, "run_benchmark", fake_run_benchmark)
-    monkeypatch.setattr(bench, "plot_fidelity", lambda rows, path, title: path.write_text(title))
+    monkeypatch.setattr(bench, "plot_fidelity", lambda rows, path, title, **_: path.write_text(title))
     monkeypatch.setattr(bench, "plot_frontier", lambda rows, budgets, path, title: path.write_text(title))
     args = _parse(bench, ["bench", "--quick", "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "o")])
     assert bench.run(args) == 0

@@ -2,12 +2,14 @@
 caches and an oracle, on one bundled model, same seeds, one process.
 
 Prints a markdown table; ``--json`` writes the rows, ``--out`` a plot of fidelity against forwards
-and against wall time (and the table as markdown).
+and against wall time (and the table as markdown). ``--replot BENCH.json --out DIR`` redraws the plots
+of an earlier run from its JSON, running nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from stepcache.tools.benchmark.report import (
     markdown_table,
     plot_fidelity,
     plot_frontier,
+    rows_from_json,
 )
 from stepcache.tools.benchmark.suite import FRONTIER_BUDGETS, cache_method, run_benchmark
 from stepcache.tools.calibrate import calibrate_bundled
@@ -64,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_argument(parser, "write the rows and the run's versions to this JSON file")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write the plot and the table here (bench-MODEL.png, bench-MODEL.md)")
+    parser.add_argument("--replot", type=Path, default=None, metavar="BENCH.json",
+                        help="run nothing: redraw the plots of this earlier --json output into --out")
     add_update_docs_figures_argument(parser)
     add_threads_argument(parser)
     add_progress_argument(parser)
@@ -76,6 +81,18 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--calibration-seed {args.calibration_seed} is the evaluated --seed: calibration must use other inputs"
         )
+    if args.replot is not None:
+        if args.out is None:
+            raise UsageError("argument --replot: needs --out DIR, the folder the plots go to")
+        if args.json is not None:
+            raise UsageError("argument --replot: runs nothing, so there is no --json to write; drop --json")
+        try:
+            args.replot_document = json.loads(args.replot.expanduser().read_text())
+            rows_from_json(args.replot_document)
+        except OSError as err:
+            raise UsageError(f"argument --replot: cannot read {args.replot}: {err.strerror or err}") from None
+        except ValueError as err:  # json.JSONDecodeError included
+            raise UsageError(f"argument --replot: {args.replot}: {err}") from None
     if args.out is not None:
         args.out = prepare_out_dir(args.out, update_docs_figures=args.update_docs_figures)
     if args.json is not None:
@@ -127,7 +144,32 @@ def _phase(message: str) -> int:
     return 1 if message.startswith("oracle") else 2
 
 
+def write_plots(rows: Any, out: Path, model: str, num_steps: int, seed: int, quick: bool) -> list[Path]:
+    """The fidelity and frontier plots of one run (bench-MODEL.png, frontier-MODEL.png) in ``out``."""
+    budgets = [b for b in FRONTIER_BUDGETS if b < num_steps]
+    suffix = " [--quick: not for timing]" if quick else ""
+    plot_path = out / f"bench-{model}.png"
+    frontier_path = out / f"frontier-{model}.png"
+    plot_fidelity(rows, plot_path, f"{model}: fidelity vs compute ({num_steps} steps){suffix}", budgets=budgets)
+    plot_frontier(rows, budgets, frontier_path,
+                  f"{model}: best of each family per forward budget (seed {seed}){suffix}")
+    return [plot_path, frontier_path]
+
+
+def replot(args: argparse.Namespace) -> int:
+    document = args.replot_document
+    for key in ("model", "steps"):
+        if key not in document:
+            raise UsageError(f"argument --replot: {args.replot} has no {key!r}: not a stepcache bench --json output")
+    paths = write_plots(rows_from_json(document), args.out, str(document["model"]), int(document["steps"]),
+                        document.get("seed", "?"), bool(document.get("quick", False)))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.replot is not None:
+        return replot(args)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     set_torch_threads(args.threads)
     target = build_target(args.model, quick=args.quick, seed=args.seed)
@@ -187,13 +229,9 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {write_json(args.json, document)}")
     if args.out:
-        plot_path = args.out / f"bench-{args.model}.png"
         table_path = args.out / f"bench-{args.model}.md"
-        suffix = " [--quick: not for timing]" if args.quick else ""
-        frontier_path = args.out / f"frontier-{args.model}.png"
-        plot_fidelity(result.rows, plot_path, f"{args.model}: fidelity vs compute ({target.num_steps} steps){suffix}")
-        plot_frontier(result.rows, budgets, frontier_path,
-                      f"{args.model}: best of each family per forward budget (seed {args.seed}){suffix}")
+        plot_path, frontier_path = write_plots(result.rows, args.out, args.model, target.num_steps, args.seed,
+                                               args.quick)
         table_path.write_text(f"{title}\n\n{table}\n\nFrontier (best PSNR per budget, forwards)\n\n{best}\n")
         print(f"wrote {plot_path}, {frontier_path} and {table_path}")
     return 0

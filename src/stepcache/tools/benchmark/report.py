@@ -17,6 +17,7 @@ from stepcache.tools.benchmark.harness import (
     PLANNED,
     STATIC_MASK,
     STEP_CACHE,
+    Method,
     Row,
 )
 from stepcache.tools.common import format_number
@@ -158,54 +159,117 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_fidelity(rows: Sequence[Row], path: Path, title: str, metric: str = "psnr_db") -> None:
-    """Fidelity against forwards (left) and against wall time (right), one colour per method family;
-    each point is labelled with its settings' short form."""
+def rows_from_json(document: Any) -> list[Row]:
+    """The rows of a :func:`benchmark_json` document, enough to redraw its plots (no timing samples,
+    nothing to run). Raises ``ValueError`` naming what is missing."""
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise ValueError("not a bench JSON: expected an object with a \"results\" list (stepcache bench --json)")
+    rows = []
+    for i, entry in enumerate(document["results"]):
+        missing = [k for k in ("method", "config", "num_steps", "nfe", "wall_s", "speedup") if k not in entry]
+        if missing:
+            raise ValueError(f"bench JSON results[{i}] lacks {missing}")
+        known = {"method", "config", "num_steps", "nfe", "wall_s", "speedup", "run_steps"}
+        rows.append(Row(
+            method=Method(entry["method"], dict(entry["config"]), int(entry["num_steps"])),
+            nfe=float(entry["nfe"]),
+            wall_s=float(entry["wall_s"]),
+            speedup=float(entry["speedup"]),
+            fidelity={k: entry[k] for k in METRIC_LABELS if k in entry},
+            quality={k: v for k, v in entry.items() if k not in known and k not in METRIC_LABELS},
+            run_steps=entry.get("run_steps"),
+        ))
+    return rows
+
+
+def labelled_rows(rows: Sequence[Row], budgets: Sequence[int], metric: str = "psnr_db") -> list[Row]:
+    """The rows worth a label on a plot: per forward budget, the best row of any family but the
+    oracle (an upper bound found on the evaluated inputs, not a method one can run)."""
+    chosen = []
+    for winners in frontier(rows, budgets, metric).values():
+        runnable = [r for f, r in winners.items() if f != ORACLE]
+        if runnable:
+            chosen.append(max(runnable, key=lambda r: r.fidelity[metric]))
+    return chosen
+
+
+def _outside_legend(fig: Any, handles: Sequence[Any], labels: Sequence[str]) -> Any:
+    # Outside the axes so no curve is hidden; constrained layout makes room for it on the right.
+    return fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+
+
+def plot_fidelity(
+    rows: Sequence[Row], path: Path, title: str, budgets: Sequence[int] = (), metric: str = "psnr_db"
+) -> Any:
+    """Fidelity against forwards (left) and against wall time (right), one colour per method family,
+    one legend for both panels outside them; only the best runnable row of each forward budget is
+    labelled (family and setting; no labels without ``budgets``). Returns the figure's legend (for tests)."""
     plt = _pyplot()
     families: dict[str, list[Row]] = {}
     for row in rows:
         if row.fidelity.get(metric) is not None:
             families.setdefault(row.method.method, []).append(row)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), layout="constrained", sharey=True)
+    handles, labels = [], []
     for family, members in families.items():
         for axis, x_of in ((axes[0], lambda r: r.nfe), (axes[1], lambda r: r.wall_s)):
             members_sorted = sorted(members, key=x_of)
-            style = "o-" if len(members_sorted) > 1 else "o"
-            axis.plot(
+            (line,) = axis.plot(
                 [x_of(r) for r in members_sorted],
                 [r.fidelity[metric] for r in members_sorted],
-                style,
+                "o-" if len(members_sorted) > 1 else "o",
                 color=family_colour(family),
-                label=family,
                 alpha=0.85,
+                markersize=4,
             )
-            if axis is axes[0]:
-                for r in members_sorted:
-                    axis.annotate(_short_label(r), (x_of(r), r.fidelity[metric]), fontsize=6, alpha=0.7,
-                                  xytext=(3, 3), textcoords="offset points")
+        handles.append(line)
+        labels.append(family)
+    chosen = labelled_rows(rows, budgets, metric) if budgets else []
+    for k, row in enumerate(sorted(chosen, key=lambda r: r.nfe)):
+        setting = _short_label(row)
+        axes[0].annotate(
+            f"{row.method.method} {setting}".strip(), (row.nfe, row.fidelity[metric]),
+            xytext=(-8, 12 + 12 * (k % 2)), textcoords="offset points", ha="right", fontsize=7,
+            color=family_colour(row.method.method), arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6},
+        )
     full = [r for r in rows if r.method.method == FULL]
     for axis, xlabel in ((axes[0], "transformer forwards per generation (full-step units)"),
                          (axes[1], "wall time per run (s)")):
         if full:
             x = full[0].nfe if axis is axes[0] else full[0].wall_s
-            axis.axvline(x, color=family_colour(FULL), linestyle=":", label="full (reference)")
+            reference = axis.axvline(x, color=family_colour(FULL), linestyle=":")
         axis.set_xlabel(xlabel)
-        axis.set_ylabel(METRIC_LABELS.get(metric, metric))
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel(METRIC_LABELS.get(metric, metric))  # shared by both panels
+    if chosen:
+        # The labels sit up and to the left of their points, above the curves: room for the outermost.
+        low, high = axes[0].get_xlim()
+        axes[0].set_xlim(low - 0.15 * (high - low), high)
+        low, high = axes[0].get_ylim()
+        axes[0].set_ylim(low, high + 0.08 * (high - low))
+    axes[0].set_title("labelled: the best row per forward budget (oracle aside)", fontsize=9)
+    axes[1].set_title("the same rows against measured wall time (same y axis)", fontsize=9)
+    if full:
+        handles.append(reference)
+        labels.append("full (reference)")
+    legend = _outside_legend(fig, handles, labels)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return legend
 
 
-def plot_frontier(rows: Sequence[Row], budgets: Sequence[int], path: Path, title: str, metric: str = "psnr_db") -> None:
-    """The frontier: per forward budget, each family's best fidelity (grouped bars)."""
+def plot_frontier(
+    rows: Sequence[Row], budgets: Sequence[int], path: Path, title: str, metric: str = "psnr_db"
+) -> Any:
+    """The frontier: per forward budget, each family's best fidelity (grouped bars), the legend
+    outside the axes. Returns the figure's legend (for tests)."""
     plt = _pyplot()
     table = frontier(rows, budgets, metric)
     families = [f for f in dict.fromkeys(r.method.method for r in rows) if any(f in table[b] for b in table)]
     width = 0.8 / max(len(families), 1)
-    fig, axis = plt.subplots(figsize=(12, 5), constrained_layout=True)
+    fig, axis = plt.subplots(figsize=(13, 5), layout="constrained")
     for i, family in enumerate(families):
         xs = [j + i * width for j, b in enumerate(table) if family in table[b]]
         ys = [table[b][family].fidelity[metric] for b in table if family in table[b]]
@@ -214,22 +278,26 @@ def plot_frontier(rows: Sequence[Row], budgets: Sequence[int], path: Path, title
     axis.set_xlabel("forward budget (transformer forwards per generation; rows count at the next budget up)")
     axis.set_ylabel(METRIC_LABELS.get(metric, metric))
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8, ncol=3)
+    legend = _outside_legend(fig, *axis.get_legend_handles_labels())
     axis.set_title(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return legend
 
 
 def _short_label(row: Row) -> str:
-    """A few characters that tell the points of one family apart on a plot."""
+    """A few words that tell the points of one family apart on a plot (a schedule as its length, not
+    its step list, which would not fit)."""
     config = row.method.config
-    for key in ("step_cache_dit_forward_budget", "velocity_error_budget", "num_steps", "threshold",
-                "cache_interval", "spatial_attention_block_skip_range"):
+    named = (("step_cache_dit_forward_budget", "budget {}"), ("velocity_error_budget", "error {}"),
+             ("num_steps", "{} steps"), ("threshold", "threshold {}"), ("cache_interval", "interval {}"),
+             ("spatial_attention_block_skip_range", "skip range {}"))
+    for key, text in named:
         if key in config:
-            return str(config[key])
+            return text.format(config[key])
     if "velocity_sim_thresholds" in config:
-        return "/".join(str(t) for t in config["velocity_sim_thresholds"])
+        return "sim " + "/".join(str(t) for t in config["velocity_sim_thresholds"])
     if "step_cache_dit_static_steps" in config:
-        return ",".join(str(s) for s in config["step_cache_dit_static_steps"])
+        return f"{len(config['step_cache_dit_static_steps'])} of {row.method.num_steps} steps"
     return ""
