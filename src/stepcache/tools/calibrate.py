@@ -308,13 +308,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     setup = _wan_digits_setup(args) if args.model == "wan-digits" else _dreamzero_setup(args)
     goal = {"target_forwards": args.target_forwards} if args.min_psnr is None else {"min_psnr": args.min_psnr}
-    with progress_bar(total=len(PHASES), desc=f"calibrate {args.model}", unit="phase",
-                      enabled=show_progress(args)) as bar:
+    with progress_bar(total=len(PHASES), desc=f"calibrate {args.model}", unit="phases",
+                      enabled=show_progress(args), interval_s=0) as bar:  # phases are long: a line each
 
         def progress(message: str) -> None:
             phase = next((i for i, name in enumerate(PHASES) if message.startswith(name[:6])), bar.n)
+            bar.set_postfix_str(message[:60])  # before the update: a progress line names the phase now running
             bar.update(max(0, phase - bar.n))
-            bar.set_postfix_str(message[:60])
 
         result = calibrate(**setup.calibration, **goal, verifications=args.verifications, progress=progress)
         calibration_s = time.perf_counter() - start

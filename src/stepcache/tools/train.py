@@ -10,11 +10,13 @@ over existing weights unless ``--overwrite`` says so. Load them with ``Omni(mode
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from stepcache.tools.cli import module_exists
 from stepcache.tools.common import (
@@ -28,6 +30,7 @@ from stepcache.tools.common import (
     positive_int,
     prepare_out_dir,
     prepare_out_file,
+    progress_bar,
     run_metadata,
     seed_int,
     set_torch_threads,
@@ -87,6 +90,13 @@ def validate(args: argparse.Namespace) -> None:
     args.out = prepare_out_dir(out)
 
 
+def _progress(args: argparse.Namespace) -> Any:
+    """What the trainers take as ``progress``: a maker of the shared bar (lines when stderr is no terminal)."""
+    if not show_progress(args):
+        return False
+    return functools.partial(progress_bar, enabled=True)
+
+
 def run(args: argparse.Namespace) -> int:
     trainer = importlib.import_module(TRAINERS[args.model])
     options = {}
@@ -97,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         set_torch_threads(args.threads)
     start = time.perf_counter()
     out = trainer.train_bundled(
-        args.out, seed=args.seed, steps=args.train_steps, progress=show_progress(args), **options
+        args.out, seed=args.seed, steps=args.train_steps, progress=_progress(args), **options
     )
     elapsed = time.perf_counter() - start
     print(f"stepcache train: {args.model}, seed {args.seed}, {elapsed:.0f} s; wrote {out / WEIGHT_FILES[0]} and "
