@@ -1,7 +1,8 @@
 """``stepcache train MODEL``: retrain a bundled model from scratch with a fixed seed.
 
 Each bundled model package exposes ``train_bundled(out_dir, *, seed=0, steps=None, progress=True) ->
-Path``, which writes ``config.json`` and ``model.safetensors`` into ``out_dir`` and returns that folder.
+Path``, which writes ``config.json`` and ``model.safetensors`` into ``out_dir`` and returns that folder;
+``progress`` is a bool or, from here, a maker of the shared progress bar (lines when stderr is no terminal).
 The weights go to ``--out`` (default ``./MODEL-weights``), never into the installed package, and never
 over existing weights unless ``--overwrite`` says so. Load them with ``Omni(model=FOLDER)``,
 ``DreamZeroPipeline.from_pretrained(FOLDER)`` or ``load_wan_digits(FOLDER)``.
