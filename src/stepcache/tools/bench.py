@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, seed=args.calibration_seed, held_out_seed=args.seed,
             target_forwards=[b for b in (QUICK_CALIBRATED_FORWARDS if args.quick else FRONTIER_BUDGETS)
                              if b < target.num_steps],
+            progress=lambda message: progress(f"measuring forwards: calibrating: {message}"),
         )
         calibrated = [
             cache_method(CALIBRATED, target.num_steps, as_step_cache_config(choice.candidate.config))

@@ -236,7 +236,8 @@ def _dreamzero_setup(args: argparse.Namespace) -> Setup:
     )
 
 
-def calibrate_bundled(model: str, *, seed: int, held_out_seed: int, target_forwards: list[float]) -> Any:
+def calibrate_bundled(model: str, *, seed: int, held_out_seed: int, target_forwards: list[float],
+                      progress: Any = None) -> Any:
     """Calibrate a bundled model with the CLI's defaults on the inputs of ``seed`` (the bench's
     calibrated rows, evaluated by the bench on ``held_out_seed``'s inputs): the
     :class:`~stepcache.calibration.CalibrationResult`, without the CLI's held-out report."""
@@ -245,7 +246,7 @@ def calibrate_bundled(model: str, *, seed: int, held_out_seed: int, target_forwa
     args = argparse.Namespace(model=model, seed=seed, held_out_seed=held_out_seed, steps=None, guidance_scale=None,
                               scheduler="unipc", target_forwards=target_forwards)
     setup = _wan_digits_setup(args) if model == "wan-digits" else _dreamzero_setup(args)
-    result = calibrate(**setup.calibration, target_forwards=target_forwards)
+    result = calibrate(**setup.calibration, target_forwards=target_forwards, progress=progress)
     result.calibration_inputs = setup.calibration_inputs
     return result
 
