@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from stepcache.tools.common import add_progress_argument, progress_bar, show_progress
+
 LAYOUTS = [  # (name, ranks, cfg_parallel)
     ("1 process", 1, 1),
     ("SP 2", 2, 1),
@@ -158,13 +160,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--layouts", nargs="+", choices=[name for name, _, _ in LAYOUTS],
                         help="measure these layouts only (default: every one)")
+    add_progress_argument(parser)
     args = parser.parse_args()
     rows = []
-    for name, world, cfg_parallel in LAYOUTS:
-        if args.layouts and name not in args.layouts:
-            continue
-        result = run_layout(world, cfg_parallel, args.repeats, args.chunks)
-        rows.append({"layout": name, "ranks": world, **result})
+    layouts = [layout for layout in LAYOUTS if not args.layouts or layout[0] in args.layouts]
+    # Each layout is a spawned job of many seconds: a progress line after every one.
+    with progress_bar(total=len(layouts), desc="distributed_cost", unit="layouts", enabled=show_progress(args),
+                      interval_s=0) as bar:
+        for name, world, cfg_parallel in layouts:
+            result = run_layout(world, cfg_parallel, args.repeats, args.chunks)
+            rows.append({"layout": name, "ranks": world, **result})
+            bar.set_postfix_str(name)
+            bar.update()
     print("| layout | ranks | forward ms | signals us (local sums) | check us | start us | pipeline chunk off ms | "
           "chunk on ms (forwards) | chunk on + check ms | per-step cost of the reduction |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -43,7 +43,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from stepcache.tools.common import UsageError, add_update_docs_figures_argument, command_line, prepare_out_dir
+from stepcache.tools.common import (
+    UsageError,
+    add_progress_argument,
+    add_update_docs_figures_argument,
+    command_line,
+    prepare_out_dir,
+    progress_bar,
+    show_progress,
+)
 
 MODES: dict[str, list[str]] = {
     "none": ["--no-cache"],
@@ -355,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-cost", action="store_true", help="also time one DiT forward of 2 to 128 rows")
     parser.add_argument("--fidelity", type=int, default=0, metavar="SESSIONS",
                         help="also replay SESSIONS uncached episodes through per-session and batch-mean batches")
+    add_progress_argument(parser)
     args = parser.parse_args(argv)
     robots = [int(n) for n in args.robots.split(",") if n]  # --robots "": only --fidelity
     modes = [mode for mode in args.modes.split(",") if mode]
@@ -380,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
                 servers[mode] = start_server(mode, args.model, args.threads, max(robots, default=0) + 8)
             else:
                 omnis[mode] = make_omni(mode, args.model, args.device)
+        bar = progress_bar(total=len(robots) * len(modes), desc="serve_load", unit="rows",
+                           enabled=show_progress(args), interval_s=0)  # rows last --warmup + --duration: a line each
         for n in robots:
             for mode in modes:
+                bar.set_postfix_str(f"{mode} N={n}")
                 if args.transport == "http":
                     process, url = servers[mode]
                     row = run_load(url, process.pid, n, args.warmup, args.duration)
@@ -394,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"  {row['chunks_per_forward']:5.2f} chunks/fwd  success {row['success_rate']:.2f}"
                       f" ({row['episodes']} ep)  {row['session_tensor_bytes'] / 1024:.0f} KiB/session"
                       f"{'  ERRORS ' + str(row['errors']) if row['errors'] else ''}", flush=True)
+                bar.update()
+        bar.close()
     finally:
         for omni in omnis.values():
             omni.close()

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import stepcache
 from stepcache.tools.common import (
+    ProgressLines,
     UsageError,
+    duration,
     format_number,
     package_dir,
     positive_int,
@@ -81,12 +83,93 @@ def test_output_folders_are_created_checked_and_never_inside_the_package(tmp_pat
     assert not (tmp_path / "new" / "r.json").exists()  # checked, not written
 
 
-def test_no_progress_bar_off_a_terminal(capsys):
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_say_done_left_elapsed_and_an_estimate_at_most_every_30_s():
+    clock, lines = _Clock(), []
+    bar = ProgressLines(total=12, desc="bench", unit="rows", clock=clock)
+    bar.file = type("Sink", (), {"write": lambda self, text: lines.append(text), "flush": lambda self: None})()
+    for finished_at in (10, 20, 45, 50, 80, 200, 210, 215, 220, 230, 240, 250):
+        clock.now = finished_at
+        bar.update()
+    printed = [line for line in "".join(lines).splitlines() if line]
+    # The first, then one once 30 s passed since the previous line, then the last.
+    assert printed == [
+        "bench: 1/12 rows, 10s elapsed, about 1m50s left",
+        "bench: 3/12 rows, 45s elapsed, about 2m15s left",
+        "bench: 5/12 rows, 1m20s elapsed, about 1m52s left",
+        "bench: 6/12 rows, 3m20s elapsed, about 3m20s left",
+        "bench: 10/12 rows, 3m50s elapsed, about 46s left",
+        "bench: 12/12 rows, 4m10s elapsed, done",
+    ]
+
+
+def test_progress_lines_for_long_units_and_news_within_one():
+    clock, lines = _Clock(), []
+    sink = type("Sink", (), {"write": lambda self, text: lines.append(text), "flush": lambda self: None})()
+    bar = ProgressLines(total=3, desc="calibrate", unit="phases", interval_s=0, file=sink, clock=clock)
+    clock.now = 5
+    bar.set_postfix_str("searching")
+    bar.update(0)  # news 5 s in: too soon for a line
+    assert lines == []
+    clock.now = 31
+    bar.update(0)  # still in the first phase, but 30 s of silence: a line
+    clock.now = 32
+    bar.update(1)
+    clock.now = 33
+    bar.update(1)  # interval 0: every finished phase has its line
+    assert [line for line in "".join(lines).splitlines() if line] == [
+        "calibrate: 0/3 phases, 31s elapsed (searching)",
+        "calibrate: 1/3 phases, 32s elapsed, about 1m04s left (searching)",
+        "calibrate: 2/3 phases, 33s elapsed, about 16s left (searching)",
+    ]
+
+
+def test_durations_are_short():
+    assert [duration(s) for s in (0, 59.4, 60, 3599, 3600, 7260)] == ["0s", "59s", "1m00s", "59m59s", "1h00m", "2h01m"]
+
+
+def test_progress_is_lines_off_a_terminal_and_nothing_with_no_progress(capsys):
     args = argparse.Namespace(no_progress=False)
-    assert not show_progress(args)  # pytest's captured stderr is not a terminal
-    with progress_bar(total=2, desc="x", unit="it", enabled=False) as bar:
+    assert show_progress(args)  # off a terminal progress is still shown, as lines
+    with progress_bar(range(3), total=3, desc="demo", unit="episodes", enabled=show_progress(args)) as bar:
+        assert list(bar) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.startswith("demo: 1/3 episodes, 0s elapsed, about 0s left\n")
+    assert err.rstrip().endswith("demo: 3/3 episodes, 0s elapsed, done") and "\r" not in err
+    silenced = argparse.Namespace(no_progress=True)
+    assert not show_progress(silenced)
+    with progress_bar(total=2, desc="x", unit="it", enabled=show_progress(silenced)) as bar:
         bar.update(2)
     assert capsys.readouterr().err == ""
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_bar(total=2, desc="bench", unit="rows", enabled=True) as bar:
+        assert isinstance(bar, tqdm)
+        bar.update(2)
+    drawn = terminal.getvalue()
+    assert "\r" in drawn and "2/2" in drawn and "elapsed" not in drawn  # tqdm's bar, not the lines
+    with progress_bar(total=2, desc="bench", unit="rows", enabled=False) as bar:  # --no-progress
+        bar.update(2)
+    assert terminal.getvalue() == drawn
 
 
 def test_recorded_commands_hold_no_absolute_paths(tmp_path, monkeypatch):

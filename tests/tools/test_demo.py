@@ -55,6 +55,20 @@ def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
     assert cached["action_mse_vs_none"] >= 0 and "video_psnr_vs_none" in cached
 
 
+def test_demo_with_piped_stderr_prints_progress_lines(tmp_path, capsys):
+    from stepcache.tools import cli
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    assert cli.main(["demo", "--episodes", "2", "--model", str(model_dir), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal
+    lines = [line for line in err.splitlines() if line.startswith("demo: ")]
+    assert lines[0].startswith("demo: 1/2 episodes, ") and "elapsed, about " in lines[0] and " left (" in lines[0]
+    assert lines[-1].startswith("demo: 2/2 episodes, ") and "elapsed, done" in lines[-1]
+    assert cli.main(["demo", "--episodes", "2", "--model", str(model_dir), "--out", str(tmp_path / "out2"),
+                     "--no-progress"]) == 0
+    assert "demo: " not in capsys.readouterr().err
+
+
 def test_never_firing_cache_matches_the_uncached_run_exactly(tmp_path):
     model_dir = save_tiny_model(tmp_path / "tiny")
     json_path = tmp_path / "demo.json"

@@ -173,17 +173,19 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     set_torch_threads(args.threads)
     target = build_target(args.model, quick=args.quick, seed=args.seed)
-    with progress_bar(total=len(PHASES), desc=f"bench {args.model}", unit="phase", enabled=show_progress(args)) as bar:
+    with progress_bar(total=len(PHASES), desc=f"bench {args.model}", unit="phases",
+                      enabled=show_progress(args), interval_s=0) as bar:  # phases are minutes long: a line each
 
         def progress(message: str) -> None:
+            bar.set_postfix_str(message[:60])  # before the update: a progress line names the phase now running
             bar.update(_phase(message) - bar.n)  # the phases before this one are done
-            bar.set_postfix_str(message[:60])
 
         progress("measuring forwards: calibrating on the calibration inputs")
         calibration = calibrate_bundled(
             args.model, seed=args.calibration_seed, held_out_seed=args.seed,
             target_forwards=[b for b in (QUICK_CALIBRATED_FORWARDS if args.quick else FRONTIER_BUDGETS)
                              if b < target.num_steps],
+            progress=lambda message: progress(f"measuring forwards: calibrating: {message}"),
         )
         calibrated = [
             cache_method(CALIBRATED, target.num_steps, as_step_cache_config(choice.candidate.config))

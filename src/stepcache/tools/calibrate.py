@@ -236,7 +236,8 @@ def _dreamzero_setup(args: argparse.Namespace) -> Setup:
     )
 
 
-def calibrate_bundled(model: str, *, seed: int, held_out_seed: int, target_forwards: list[float]) -> Any:
+def calibrate_bundled(model: str, *, seed: int, held_out_seed: int, target_forwards: list[float],
+                      progress: Any = None) -> Any:
     """Calibrate a bundled model with the CLI's defaults on the inputs of ``seed`` (the bench's
     calibrated rows, evaluated by the bench on ``held_out_seed``'s inputs): the
     :class:`~stepcache.calibration.CalibrationResult`, without the CLI's held-out report."""
@@ -245,7 +246,7 @@ def calibrate_bundled(model: str, *, seed: int, held_out_seed: int, target_forwa
     args = argparse.Namespace(model=model, seed=seed, held_out_seed=held_out_seed, steps=None, guidance_scale=None,
                               scheduler="unipc", target_forwards=target_forwards)
     setup = _wan_digits_setup(args) if model == "wan-digits" else _dreamzero_setup(args)
-    result = calibrate(**setup.calibration, target_forwards=target_forwards)
+    result = calibrate(**setup.calibration, target_forwards=target_forwards, progress=progress)
     result.calibration_inputs = setup.calibration_inputs
     return result
 
@@ -308,13 +309,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     setup = _wan_digits_setup(args) if args.model == "wan-digits" else _dreamzero_setup(args)
     goal = {"target_forwards": args.target_forwards} if args.min_psnr is None else {"min_psnr": args.min_psnr}
-    with progress_bar(total=len(PHASES), desc=f"calibrate {args.model}", unit="phase",
-                      enabled=show_progress(args)) as bar:
+    with progress_bar(total=len(PHASES), desc=f"calibrate {args.model}", unit="phases",
+                      enabled=show_progress(args), interval_s=0) as bar:  # phases are long: a line each
 
         def progress(message: str) -> None:
             phase = next((i for i, name in enumerate(PHASES) if message.startswith(name[:6])), bar.n)
+            bar.set_postfix_str(message[:60])  # before the update: a progress line names the phase now running
             bar.update(max(0, phase - bar.n))
-            bar.set_postfix_str(message[:60])
 
         result = calibrate(**setup.calibration, **goal, verifications=args.verifications, progress=progress)
         calibration_s = time.perf_counter() - start

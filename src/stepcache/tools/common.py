@@ -17,6 +17,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -141,7 +142,9 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)"
+        "--no-progress",
+        action="store_true",
+        help="no progress: neither the bar on a terminal nor the lines written when stderr is a pipe or a log",
     )
 
 
@@ -328,12 +331,101 @@ def format_number(value: float | None, digits: int = 4) -> str:
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-    """A bar unless ``--no-progress`` was given or stderr is not a terminal (a log file, a pipe, CI)."""
-    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    """Progress unless ``--no-progress`` was given: a bar on a terminal, plain lines otherwise."""
+    return not getattr(args, "no_progress", False)
 
 
-def progress_bar(iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str, enabled: bool) -> Any:
-    """A tqdm bar on stderr with a known ``total``; a no-op bar when ``enabled`` is False."""
+# Off a terminal, the longest silence between progress lines while units keep finishing.
+PROGRESS_INTERVAL_S = 30.0
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``3m20s``, ``1h05m``: short enough for a progress line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressLines:
+    """Progress as plain lines on stderr, for a pipe, a log file or CI, where a bar is unreadable.
+
+    Speaks tqdm's subset that the tools use (``n``, ``update``, ``set_postfix(_str)``, ``close``,
+    iteration, ``with``). A line is written when a unit finishes: always for the first and the last,
+    otherwise only once ``interval_s`` passed since the previous line (0: every unit, for jobs whose
+    units are long), so a log gets news at least that often without one line per training step. Within
+    a long unit, ``update(0)`` (a caller's news, such as the next benchmark row starting) writes a line
+    when none was written for :data:`PROGRESS_INTERVAL_S`.
+    """
+
+    def __init__(self, iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str,
+                 interval_s: float = PROGRESS_INTERVAL_S, file: Any = None, clock: Any = None) -> None:
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.interval_s = interval_s
+        self.file = file
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+        self.n = 0
+        self.postfix = ""
+        self._last_line: float | None = None
+
+    def __iter__(self) -> Any:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = str(text)
+
+    def set_postfix(self, values: dict[str, Any] | None = None, **more: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in {**(values or {}), **more}.items())
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more units done; ``update(0)`` is news without a finished unit (a message in a long phase)."""
+        now = self.clock()
+        since = now - (self.start if self._last_line is None else self._last_line)
+        if n <= 0:
+            # Within a long unit: a line only when the log has been quiet for PROGRESS_INTERVAL_S.
+            if since >= PROGRESS_INTERVAL_S:
+                self._write(now)
+            return
+        self.n += n
+        if self._last_line is None or self.n >= self.total or since >= self.interval_s:
+            self._write(now)
+
+    def line(self, now: float) -> str:
+        """``bench: 3/12 phases, 1m20s elapsed, about 3m40s left (note)``."""
+        elapsed = now - self.start
+        done = min(self.n, self.total)
+        text = f"{self.desc}: {done}/{self.total} {self.unit}, {duration(elapsed)} elapsed"
+        if done >= self.total:
+            text += ", done"
+        elif done > 0:
+            text += f", about {duration(elapsed / done * (self.total - done))} left"
+        return text + (f" ({self.postfix})" if self.postfix else "")
+
+    def _write(self, now: float) -> None:
+        self._last_line = now
+        print(self.line(now), file=self.file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass  # nothing is held open; tqdm's interface
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str, enabled: bool,
+                 interval_s: float = PROGRESS_INTERVAL_S) -> Any:
+    """Progress on stderr for ``total`` units: a tqdm bar on a terminal, :class:`ProgressLines` off one
+    (at most one line per ``interval_s``; 0 for a line per unit), nothing when ``enabled`` is False."""
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return ProgressLines(iterable, total=total, desc=desc, unit=unit, interval_s=interval_s)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)

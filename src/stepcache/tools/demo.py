@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
     action_scale = omni["none"].pipeline.transformer.config.action_scale
     records: dict[str, list[EpisodeRecord]] = {name: [] for name in RUNS}
     replayed: list[EpisodeRecord] = []
-    with progress_bar(total=args.episodes, desc="demo episodes", unit="ep", enabled=show_progress(args)) as bar, \
+    with progress_bar(total=args.episodes, desc="demo", unit="episodes", enabled=show_progress(args)) as bar, \
             contextlib.ExitStack() as engines:
         for instance in omni.values():  # each Omni's engine thread ends with the episodes
             engines.callback(instance.close)

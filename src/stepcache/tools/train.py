@@ -1,7 +1,8 @@
 """``stepcache train MODEL``: retrain a bundled model from scratch with a fixed seed.
 
 Each bundled model package exposes ``train_bundled(out_dir, *, seed=0, steps=None, progress=True) ->
-Path``, which writes ``config.json`` and ``model.safetensors`` into ``out_dir`` and returns that folder.
+Path``, which writes ``config.json`` and ``model.safetensors`` into ``out_dir`` and returns that folder;
+``progress`` is a bool or, from here, a maker of the shared progress bar (lines when stderr is no terminal).
 The weights go to ``--out`` (default ``./MODEL-weights``), never into the installed package, and never
 over existing weights unless ``--overwrite`` says so. Load them with ``Omni(model=FOLDER)``,
 ``DreamZeroPipeline.from_pretrained(FOLDER)`` or ``load_wan_digits(FOLDER)``.
@@ -10,11 +11,13 @@ over existing weights unless ``--overwrite`` says so. Load them with ``Omni(mode
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from stepcache.tools.cli import module_exists
 from stepcache.tools.common import (
@@ -28,6 +31,7 @@ from stepcache.tools.common import (
     positive_int,
     prepare_out_dir,
     prepare_out_file,
+    progress_bar,
     run_metadata,
     seed_int,
     set_torch_threads,
@@ -87,6 +91,13 @@ def validate(args: argparse.Namespace) -> None:
     args.out = prepare_out_dir(out)
 
 
+def _progress(args: argparse.Namespace) -> Any:
+    """What the trainers take as ``progress``: a maker of the shared bar (lines when stderr is no terminal)."""
+    if not show_progress(args):
+        return False
+    return functools.partial(progress_bar, enabled=True)
+
+
 def run(args: argparse.Namespace) -> int:
     trainer = importlib.import_module(TRAINERS[args.model])
     options = {}
@@ -97,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         set_torch_threads(args.threads)
     start = time.perf_counter()
     out = trainer.train_bundled(
-        args.out, seed=args.seed, steps=args.train_steps, progress=show_progress(args), **options
+        args.out, seed=args.seed, steps=args.train_steps, progress=_progress(args), **options
     )
     elapsed = time.perf_counter() - start
     print(f"stepcache train: {args.model}, seed {args.seed}, {elapsed:.0f} s; wrote {out / WEIGHT_FILES[0]} and "

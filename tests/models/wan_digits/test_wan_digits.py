@@ -193,6 +193,16 @@ def test_train_bundled_writes_loadable_weights(tmp_path):
     assert reloaded.sample([5], num_inference_steps=2).shape == (1, 8, 8)
 
 
+def test_training_reports_progress_through_the_callers_bar(capsys):
+    import functools
+
+    from stepcache.tools.common import progress_bar
+
+    train_wan_digits(TrainingSettings(steps=2), progress=functools.partial(progress_bar, enabled=True))
+    err = capsys.readouterr().err  # not a terminal: the shared helper's lines
+    assert "train wan-digits: 1/2 steps, " in err and "train wan-digits: 2/2 steps, " in err and "done" in err
+
+
 def test_training_settings_are_validated():
     with pytest.raises(ValueError, match="label_dropout"):
         TrainingSettings(label_dropout=1.0)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,13 +230,14 @@ def train(
     config: TrainingConfig | None = None,
     world: WorldConfig | None = None,
     *,
-    progress: bool = False,
+    progress: bool | Callable[..., Any] = False,
     log_every: int = 100,
     callback: Callable[[int, CausalWorldActionDiT], None] | None = None,
 ) -> tuple[CausalWorldActionDiT, list[dict[str, float]]]:
     """Train from scratch; returns the EMA model (eval mode) and the per-step loss history.
 
-    ``callback(step, ema_model)`` runs after every optimiser step (e.g. to checkpoint).
+    ``callback(step, ema_model)`` runs after every optimiser step (e.g. to checkpoint). ``progress``:
+    True for a tqdm bar, or ``progress(total=, desc=, unit=)`` returning a tqdm-like bar.
     """
     model_config = model_config or DreamZeroMiniConfig()
     config = config or TrainingConfig()
@@ -261,7 +263,9 @@ def train(
         betas=(0.9, 0.99),
     )
     bar = None
-    if progress:
+    if callable(progress):  # the caller's bar (stepcache train: a bar on a terminal, lines off one)
+        bar = progress(total=config.steps, desc="train dreamzero-mini", unit="steps")
+    elif progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, desc="train dreamzero-mini", unit="step")
@@ -310,7 +314,7 @@ def train_bundled(
     *,
     seed: int = 0,
     steps: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[..., Any] = True,
     num_threads: int | None = 1,
 ) -> Path:
     """Train dreamzero-mini from scratch and write ``config.json`` + ``model.safetensors`` into ``out_dir``.

@@ -15,6 +15,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,12 @@ def train_wan_digits(
     *,
     seed: int = 0,
     transformer_config: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | Callable[..., Any] = False,
 ) -> TrainingResult:
-    """Train a fresh wan-digits transformer and class-embedding table on all 1797 real digits."""
+    """Train a fresh wan-digits transformer and class-embedding table on all 1797 real digits.
+
+    ``progress``: True for a tqdm bar, or ``progress(total=, desc=, unit=)`` returning a tqdm-like bar.
+    """
     settings = settings or TrainingSettings()
     torch.manual_seed(seed)  # parameter initialisation
     transformer = build_transformer(transformer_config)
@@ -121,7 +125,9 @@ def train_wan_digits(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(step, settings))
 
     bar = None
-    if progress:
+    if callable(progress):  # the caller's bar (stepcache train: a bar on a terminal, lines off one)
+        bar = progress(total=settings.steps, desc="train wan-digits", unit="steps")
+    elif progress:
         try:
             from tqdm.auto import tqdm
 
@@ -171,7 +177,7 @@ def train_wan_digits(
 
 
 def train_bundled(
-    out_dir: str | Path, *, seed: int = 0, steps: int | None = None, progress: bool = True
+    out_dir: str | Path, *, seed: int = 0, steps: int | None = None, progress: bool | Callable[..., Any] = True
 ) -> Path:
     """Train wan-digits with the shipped settings and write ``config.json`` + ``model.safetensors``.
 

@@ -132,9 +132,11 @@ def run_benchmark(
         schedule_method(STATIC_MASK, n, scaled_static_mask(n)),
         *(Method(peer.name, peer.settings, n, peer=peer) for peer in peers),
     ]
-    if progress:
-        progress("measuring forwards of the caches")
-    first_samples = [target.sample(m) for m in first]
+    first_samples = []
+    for index, method in enumerate(first):
+        if progress:
+            progress(f"measuring forwards of the caches: {index + 1}/{len(first)} {method.label}")
+        first_samples.append(target.sample(method))
     reference = first_samples[0]
     budgets = sorted({round(s.nfe) for s in first_samples[1:]})
     budgets = [k for k in budgets if 2 <= k < n]
@@ -144,7 +146,13 @@ def run_benchmark(
     # StepCache itself reached, from the candidates and their neighbours (no backward elimination).
     oracle_budgets = sorted({len(c) for c in candidates} & set(budgets)) if quick else budgets
 
+    scored = 0
+
     def objective(schedule: tuple[int, ...]) -> float:
+        nonlocal scored
+        scored += 1
+        if progress:
+            progress(f"oracle search over budgets {oracle_budgets}: schedule {scored}")
         sample = target.sample(schedule_method(ORACLE, n, schedule))
         return target.oracle_objective(target.fidelity(sample, reference))
 
