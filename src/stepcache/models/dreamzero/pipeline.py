@@ -1156,31 +1156,27 @@ class DreamZeroPipeline:
         if self.dit is not None:
             return self._run_parallel_chunk(job)
         try:
-            failure = self.prefill([job]).get(job)
-            if failure is not None:
-                raise failure
-            group = DecisionGroup([job], job.cache_state)
-            while not group.done:
-                failure = self.denoise_step([group]).get(group)
-                if failure is not None:
-                    raise failure
-            return job.finish(self.config.decoupled_video_noise)
+            return self._denoise_chunk(job, commit=True)
         except BaseException:
             job.rollback()
             raise
 
+    def _denoise_chunk(self, job: ChunkJob, *, commit: bool) -> ChunkOutput:
+        """Prefill, then every denoising step of one chunk on its own; a failure is raised."""
+        failure = self.prefill([job]).get(job)
+        if failure is not None:
+            raise failure
+        group = DecisionGroup([job], job.cache_state)
+        while not group.done:
+            failure = self.denoise_step([group]).get(group)
+            if failure is not None:
+                raise failure
+        return job.finish(self.config.decoupled_video_noise, commit=commit)
+
     def _run_parallel_chunk(self, job: ChunkJob) -> ChunkOutput:
         output = error = None
         try:
-            failure = self.prefill([job]).get(job)
-            if failure is not None:
-                raise failure
-            group = DecisionGroup([job], job.cache_state)
-            while not group.done:
-                failure = self.denoise_step([group]).get(group)
-                if failure is not None:
-                    raise failure
-            output = job.finish(self.config.decoupled_video_noise, commit=False)
+            output = self._denoise_chunk(job, commit=False)
         except Exception as local_error:
             error = local_error
         except BaseException:  # interrupted: the peers are left in a collective this rank will not join
