@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import time
 from datetime import datetime
 
 import pytest
@@ -200,3 +202,21 @@ def test_the_committed_figures_are_written_only_with_the_flag(tmp_path):
         prepare_out_file(figures / "bench-wan-digits.json")
     assert prepare_out_dir(figures, update_docs_figures=True) == figures
     assert prepare_out_dir(tmp_path / "bench") == tmp_path / "bench"
+
+
+def test_a_long_unit_still_gets_a_line_every_interval_and_nothing_after_the_end():
+    out = io.StringIO()
+    bar = ProgressLines(total=3, desc="job", unit="rows", file=out, heartbeat_s=0.1)
+    bar.set_postfix_str("row 1 of 3")
+    time.sleep(0.45)  # no unit finishes: the heartbeat speaks for it
+    quiet_lines = out.getvalue().splitlines()
+    assert len(quiet_lines) >= 2 and all(line.startswith("job: 0/3 rows, ") for line in quiet_lines)
+    assert all(line.endswith("(row 1 of 3)") for line in quiet_lines)
+    bar.update(3)
+    written = out.getvalue()
+    time.sleep(0.3)
+    assert out.getvalue() == written and written.splitlines()[-1].startswith("job: 3/3 rows")
+    closed = ProgressLines(total=3, desc="job", unit="rows", file=io.StringIO(), heartbeat_s=0.05)
+    closed.close()
+    time.sleep(0.2)
+    assert closed.file.getvalue() == ""

@@ -17,6 +17,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -361,20 +362,31 @@ class ProgressLines:
     """
 
     def __init__(self, iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str,
-                 interval_s: float = PROGRESS_INTERVAL_S, file: Any = None, clock: Any = None) -> None:
+                 interval_s: float = PROGRESS_INTERVAL_S, file: Any = None, clock: Any = None,
+                 heartbeat_s: float | None = PROGRESS_INTERVAL_S) -> None:
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.interval_s = interval_s
-        self.file = file
+        self.file = file if file is not None else sys.stderr  # bound now: the heartbeat writes where the job did
         self.clock = clock or time.monotonic
         self.start = self.clock()
         self.n = 0
         self.postfix = ""
         self._last_line: float | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        # A unit can outlast the interval (one bench sample, one verification): a daemon thread writes a
+        # line whenever the log has been quiet for heartbeat_s, until the last unit or close().
+        if heartbeat_s and clock is None:
+            threading.Thread(target=self._heartbeat, args=(heartbeat_s,), daemon=True,
+                             name="stepcache-progress").start()
 
     def __iter__(self) -> Any:
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
+        try:
+            for item in self.iterable or ():
+                yield item
+                self.update(1)
+        finally:
+            self.close()
 
     def __enter__(self) -> ProgressLines:
         return self
@@ -390,16 +402,30 @@ class ProgressLines:
 
     def update(self, n: int = 1) -> None:
         """``n`` more units done; ``update(0)`` is news without a finished unit (a message in a long phase)."""
-        now = self.clock()
-        since = now - (self.start if self._last_line is None else self._last_line)
-        if n <= 0:
-            # Within a long unit: a line only when the log has been quiet for PROGRESS_INTERVAL_S.
-            if since >= PROGRESS_INTERVAL_S:
+        with self._lock:
+            now = self.clock()
+            since = now - (self.start if self._last_line is None else self._last_line)
+            if n <= 0:
+                # Within a long unit: a line only when the log has been quiet for PROGRESS_INTERVAL_S.
+                if since >= PROGRESS_INTERVAL_S:
+                    self._write(now)
+                return
+            self.n += n
+            if self._last_line is None or self.n >= self.total or since >= self.interval_s:
                 self._write(now)
-            return
-        self.n += n
-        if self._last_line is None or self.n >= self.total or since >= self.interval_s:
-            self._write(now)
+            if self.n >= self.total:
+                self._stopped.set()
+
+    def _heartbeat(self, every_s: float) -> None:
+        while not self._stopped.wait(every_s / 4):
+            with self._lock:
+                now = self.clock()
+                quiet = now - (self.start if self._last_line is None else self._last_line)
+                if quiet >= every_s and not self._stopped.is_set():
+                    try:
+                        self._write(now)
+                    except (OSError, ValueError):  # the stream was closed under a bar nobody closed
+                        return
 
     def line(self, now: float) -> str:
         """``bench: 3/12 phases, 1m20s elapsed, about 3m40s left (note)``."""
@@ -414,10 +440,10 @@ class ProgressLines:
 
     def _write(self, now: float) -> None:
         self._last_line = now
-        print(self.line(now), file=self.file or sys.stderr, flush=True)
+        print(self.line(now), file=self.file, flush=True)
 
     def close(self) -> None:
-        pass  # nothing is held open; tqdm's interface
+        self._stopped.set()  # ends the heartbeat; tqdm's interface
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str, enabled: bool,
