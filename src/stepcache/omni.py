@@ -357,11 +357,12 @@ def _backend_name(cache_backend: Any, cache_config: Any) -> str | None:
 def _check_model(model: Any) -> str | Path:
     if isinstance(model, bool) or not isinstance(model, (str, os.PathLike)):
         raise ValueError(
-            f"model must be a bundled model name ('dreamzero-mini') or the path of a folder holding config.json "
-            f"and model.safetensors, got {model!r} ({type(model).__name__})"
+            f"model must be a bundled model name ('dreamzero-mini', 'dreamzero-detour') or the path of a folder holding "
+            f"config.json and model.safetensors, got {model!r} ({type(model).__name__})"
         )
     if isinstance(model, str) and not model.strip():
-        raise ValueError("model must be a bundled model name ('dreamzero-mini') or a folder path, got ''")
+        raise ValueError("model must be a bundled model name ('dreamzero-mini', 'dreamzero-detour') or a folder path, "
+                         "got ''")
     return model
 
 
@@ -554,7 +555,12 @@ class Omni:
         self._sessions_lock = threading.Lock()
         self._default = Session(self, self.pipeline.context, get_stepcache_state(self.pipeline), seed, "default",
                                 implicit=True)
-        logger.info("Omni: model %s, cache backend %s", model, self.cache_backend_name)
+        logger.debug("Omni: model %s, cache backend %s", model, self.cache_backend_name)
+
+    @property
+    def world_config(self) -> Any:
+        """The world the model was trained on: ``omni.world_config.make_world()`` starts an episode of it."""
+        return self.pipeline.world_config
 
     @property
     def num_inference_steps(self) -> int:

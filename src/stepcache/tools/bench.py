@@ -46,7 +46,8 @@ from stepcache.tools.common import (
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("wan-digits", "dreamzero-mini")
+MODELS = ("wan-digits", "dreamzero-mini", "dreamzero-detour")
+DREAMZERO_MODELS = ("dreamzero-mini", "dreamzero-detour")
 # The forward budgets a --quick run calibrates for (a full run: every frontier budget).
 QUICK_CALIBRATED_FORWARDS = (4, 8)
 QUICK_NOTE = "--quick smoke run (few samples, 1 timed repeat): wall times and speedups are NOT FOR TIMING"
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-seed", type=seed_int, default=None, metavar="SEED",
                         help="seed of the inputs calibrated configs are tuned on (default: --seed + 1); "
                              "never the evaluated ones")
+    parser.add_argument("--closed-loop-episodes", type=positive_int, default=None, metavar="N",
+                        help="dreamzero models: held-out episodes per row for the success rate (default: 30, 4 with "
+                             "--quick)")
     add_json_argument(parser, "write the rows and the run's versions to this JSON file")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write the plot and the table here (bench-MODEL.png, bench-MODEL.md)")
@@ -103,7 +107,7 @@ def load_bundled(model: str) -> Any:
     """The bundled model's pipeline: a ``DreamZeroPipeline`` or a ``WanDigits``."""
     if model not in MODELS:
         raise ValueError(f"no benchmark target for model {shown(model)}; available: {list(MODELS)}")
-    if model == "dreamzero-mini":
+    if model in DREAMZERO_MODELS:
         from stepcache.models.dreamzero.pipeline import DreamZeroPipeline
 
         return DreamZeroPipeline.from_pretrained(model)
@@ -119,18 +123,23 @@ def default_num_steps(pipeline: Any) -> int:
     return int(pipeline.config.num_inference_steps)  # DreamZeroPipeline
 
 
-def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None) -> BenchTarget:
+def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None,
+                 closed_loop_episodes: int | None = None) -> BenchTarget:
     """The bundled model as a benchmark target (imports only what that model needs); ``pipeline``:
-    the model already loaded by :func:`load_bundled`."""
+    the model already loaded by :func:`load_bundled`; ``closed_loop_episodes``: per row, for the
+    success rate of the DreamZero-style models (default 4 with ``quick``, else 30)."""
     pipeline = load_bundled(model) if pipeline is None else pipeline
-    if model == "dreamzero-mini":
+    if model in DREAMZERO_MODELS:
         from stepcache.tools.benchmark.dreamzero_target import DreamZeroTarget
 
+        if closed_loop_episodes is None:
+            closed_loop_episodes = 4 if quick else 30
         return DreamZeroTarget(
             pipeline,
             episodes=2 if quick else 8,
-            closed_loop_episodes=4 if quick else 30,
+            closed_loop_episodes=closed_loop_episodes,
             seed=seed,
+            name=model,
         )
     from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 
@@ -172,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         return replot(args)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     set_torch_threads(args.threads)
-    target = build_target(args.model, quick=args.quick, seed=args.seed)
+    target = build_target(args.model, quick=args.quick, seed=args.seed,
+                          closed_loop_episodes=args.closed_loop_episodes)
     with progress_bar(total=len(PHASES), desc=f"bench {args.model}", unit="phases",
                       enabled=show_progress(args), interval_s=0) as bar:  # phases are minutes long: a line each
 
@@ -207,6 +217,13 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print("\nthe frontier: per forward budget, each family's best PSNR (dB) and its forwards\n")
     print(best)
+    has_success = any("success_rate" in row.quality for row in result.rows)
+    best_success = frontier_table(result.rows, budgets, "success_rate") if has_success else None
+    if best_success is not None:
+        episodes = len(getattr(target, "closed_loop_seeds", []))
+        print(f"\nthe success frontier: per forward budget, each family's best closed-loop success rate on {episodes} "
+              "held-out episodes and its forwards (intervals in the table above)\n")
+        print(best_success)
     for name, reason in result.skipped_peers.items():
         print(f"\n{name}: not run ({reason})")
     if result.oracle is not None:
@@ -225,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             calibration_seed=args.calibration_seed,
             frontier=frontier_json(result.rows, budgets),
+            **({"success_frontier": frontier_json(result.rows, budgets, "success_rate")} if has_success else {}),
             skipped_peers=result.skipped_peers,
             oracle_schedules_sampled=None if result.oracle is None else result.oracle.evaluations,
             run=run_metadata(args),
@@ -234,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
         table_path = args.out / f"bench-{args.model}.md"
         plot_path, frontier_path = write_plots(result.rows, args.out, args.model, target.num_steps, args.seed,
                                                args.quick)
-        table_path.write_text(f"{title}\n\n{table}\n\nFrontier (best PSNR per budget, forwards)\n\n{best}\n")
+        success_part = ("" if best_success is None else
+                        f"\nSuccess frontier (best closed-loop success per budget, forwards)\n\n{best_success}\n")
+        table_path.write_text(f"{title}\n\n{table}\n\nFrontier (best PSNR per budget, forwards)\n\n{best}\n"
+                              f"{success_part}")
         print(f"wrote {plot_path}, {frontier_path} and {table_path}")
     return 0

@@ -1,16 +1,38 @@
-"""``stepcache demo``: the bundled DreamZero-style model, closed loop, with StepCache off and on.
+"""``stepcache demo``: the main job. A DreamZero-style model drives its world closed loop, with every
+cache setting a user would consider, and the report says what each costs in task success.
 
-For every episode (same world seed and noise seed in both runs) the agent is driven by the model's
-action chunks, replanning every chunk, once without a cache and once with ``step_cache`` (the seed's
-defaults unless ``--cache-config`` says otherwise). A third, open-loop pass replays the uncached
-run's observations through the cached pipeline with the same noise, so the cached run's action
-error and predicted-video PSNR are measured against the uncached outputs on identical inputs.
+By default the model is ``dreamzero-detour``: reach the instructed target around an obstacle that ends
+the episode on contact (see :mod:`stepcache.models.dreamzero_detour.world` and docs/dreamzero.md). There
+cutting the work per chunk can cost success. ``--model dreamzero-mini`` runs the older reaching task.
 
-Prints a table (success rate, DiT forwards per chunk, median latency per chunk, wall-clock speedup,
-action MSE and video PSNR vs the uncached run), and writes into ``--out``: ``episode.png`` (one
-episode's observations, predicted frames and trajectories) and ``similarity.png`` (the similarity the
-rule reads at each step, with the config's thresholds and the skip decisions). ``--json`` writes the
-figures as JSON. Each run has the colour of its method family in ``stepcache bench``'s figures.
+Rows (``--rows`` picks some):
+
+- ``none``: every one of the 16 denoising steps computed;
+- ``step_cache``: the seed's rule with its defaults (or ``--cache-config``);
+- ``fast`` / ``balanced`` / ``quality``: the presets, which need no calibration;
+- ``calibrated``: ``stepcache.calibrate`` at 4 forwards on episodes of ``--calibration-seed``;
+- ``static_mask``: DreamZero's released 8-of-16 schedule;
+- ``fewer_steps K``: K denoising steps, at the (rounded) forwards each cached row spent.
+
+Every row drives the same ``--episodes`` episodes (world seeds ``1000 * seed + 500 + i``, each
+episode's noise seeded by its world seed). They run ``--sessions`` at a time through ``Omni``'s
+sessions and batching engine (decisions per session). Reported per row:
+
+- success rate with its 95% Wilson interval, crash rate, mean chunks to success;
+- DiT forwards per chunk;
+- median latency per chunk and the speedup over ``none``, timed on the first ``--timed-episodes``
+  episodes run one at a time, interleaved across rows;
+- action MSE and predicted-video PSNR against ``none``, on the same inputs and noise (``none``'s
+  observations replayed open loop).
+
+Writes into ``--out``:
+
+- ``success.png``: success against forwards, with the intervals;
+- ``episode.png``: one episode's observations, predicted frames and trajectories, none against step_cache;
+- ``similarity.png``: the similarity the seed rule reads at each step, its thresholds and decisions.
+
+``--json`` writes the figures as JSON. Each row has the colour of its method family in ``stepcache
+bench``'s figures.
 """
 
 from __future__ import annotations
@@ -20,13 +42,14 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from stepcache.tools.benchmark.closed_loop import EpisodeRecord, replay_episodes, run_episodes, success_summary
 from stepcache.tools.common import (
     UsageError,
     add_cache_config_argument,
@@ -50,18 +73,50 @@ from stepcache.tools.common import (
 
 logger = logging.getLogger(__name__)
 
-RUNS = ("none", "step_cache")
-EPISODE_PNG, SIMILARITY_PNG = "episode.png", "similarity.png"
+EPISODE_PNG, SIMILARITY_PNG, SUCCESS_PNG = "episode.png", "similarity.png", "success.png"
+ROWS = ("none", "step_cache", "fast", "balanced", "quality", "calibrated", "static_mask", "fewer_steps")
+PRESET_ROWS = ("fast", "balanced", "quality")
+CALIBRATED_FORWARDS = 4  # the budget of the calibrated row: the issue of a robot served at a quarter of the work
+# World seeds: like the bench's closed-loop episodes, so that --seed and --calibration-seed never share one.
+SEED_STRIDE, FIRST_EPISODE = 1000, 500
+MAX_EPISODES = SEED_STRIDE - FIRST_EPISODE
+
+
+def episode_seeds(seed: int, episodes: int) -> list[int]:
+    """The world seeds of the episodes the demo evaluates with ``--seed seed``."""
+    return [SEED_STRIDE * seed + FIRST_EPISODE + i for i in range(episodes)]
+
+
+def _rows(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in ROWS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{unknown[0] if unknown else text!r} is not a row; allowed: "
+                                         f"{', '.join(ROWS)} (comma-separated)")
+    return names if "none" in names else ("none", *names)  # every comparison is against none
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--episodes", type=positive_int, default=100, metavar="N", help="episodes per run")
-    parser.add_argument("--seed", type=seed_int, default=0, help="first episode seed")
+    from stepcache.models.dreamzero.weights import BUNDLED_MODELS, DEFAULT_MODEL
+
+    parser.add_argument("--episodes", type=positive_int, default=300, metavar="N",
+                        help=f"episodes per row (at most {MAX_EPISODES})")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help=f"seed of the evaluated episodes (world seeds {SEED_STRIDE} * seed + {FIRST_EPISODE} + i)")
+    parser.add_argument("--calibration-seed", type=seed_int, default=None, metavar="SEED",
+                        help="seed of the episodes the calibrated row is tuned on (default: --seed + 1); never --seed")
+    parser.add_argument("--rows", type=_rows, default=ROWS, metavar="NAMES",
+                        help=f"comma-separated rows to run (default: all of {', '.join(ROWS)}); none always runs")
+    parser.add_argument("--sessions", type=positive_int, default=32, metavar="N",
+                        help="episodes run at once through the batching engine (1: one at a time)")
+    parser.add_argument("--timed-episodes", type=int, default=20, metavar="N",
+                        help="episodes per row run one at a time for latency and speedup (0: none timed)")
     parser.add_argument("--out", type=Path, default=Path("stepcache-demo"), metavar="DIR",
-                        help=f"folder for {EPISODE_PNG} and {SIMILARITY_PNG}")
-    add_json_argument(parser, "also write the figures, the cache config and the run's versions to this JSON file")
-    parser.add_argument("--model", default="dreamzero-mini", metavar="NAME|DIR",
-                        help="bundled model (choices: dreamzero-mini) or a folder with config.json + model.safetensors")
+                        help=f"folder for {SUCCESS_PNG}, {EPISODE_PNG} and {SIMILARITY_PNG}")
+    add_json_argument(parser, "also write the figures, the cache configs and the run's versions to this JSON file")
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR",
+                        help=f"bundled model (choices: {', '.join(BUNDLED_MODELS)}) or a folder with config.json + "
+                             "model.safetensors")
     add_cache_config_argument(parser)
     add_threads_argument(parser, default=1, note="per-chunk tensors are small")
     add_update_docs_figures_argument(parser)
@@ -69,11 +124,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    from stepcache.models.dreamzero.weights import load_model
+    from stepcache.models.dreamzero.weights import load_model, load_world_config
 
     args.cache_config = checked_cache_config(args.cache_config)
-    try:  # the bundled name or the folder, its config and its weights: what Omni will load
+    if args.episodes > MAX_EPISODES:
+        raise UsageError(f"argument --episodes: {args.episodes} is not allowed; allowed: 1..{MAX_EPISODES}")
+    if args.timed_episodes < 0:
+        raise UsageError(f"argument --timed-episodes: {args.timed_episodes} is not allowed; allowed: >= 0")
+    args.timed_episodes = min(args.timed_episodes, args.episodes)
+    if args.calibration_seed is None:
+        args.calibration_seed = args.seed + 1
+    if args.calibration_seed == args.seed:
+        raise UsageError(f"argument --calibration-seed: {args.calibration_seed} is the evaluated --seed; calibration "
+                         "must use other episodes")
+    try:  # the bundled name or the folder, its config, its world and its weights: what Omni will load
         load_model(args.model)
+        load_world_config(args.model)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"argument --model: {err}") from None
     args.out = prepare_out_dir(args.out, update_docs_figures=args.update_docs_figures)
@@ -82,76 +148,66 @@ def validate(args: argparse.Namespace) -> None:
 
 
 @dataclass
-class EpisodeRecord:
-    """One closed-loop episode of one run."""
+class DemoRow:
+    """One row of the report: how the model runs, and the bench family that gives its colour."""
 
-    seed: int
-    success: bool
-    chunks: int
-    final_distance: float
-    latencies: list[float] = field(default_factory=list)
-    forwards: list[int] = field(default_factory=list)
-    observations: list[np.ndarray] = field(default_factory=list)  # frame at each chunk start
-    states: list[np.ndarray] = field(default_factory=list)
-    actions: list[np.ndarray] = field(default_factory=list)  # (H, 2) per chunk
-    frames: list[np.ndarray] = field(default_factory=list)  # (F, S, S) predicted per chunk
-    ran: list[list[bool]] = field(default_factory=list)
-    similarity: list[list[float | None]] = field(default_factory=list)
-    trajectory: np.ndarray | None = None
-    targets: np.ndarray | None = None
-    goal: int = 0
+    name: str
+    family: str
+    num_steps: int
+    cache_config: Any = None  # a DiffusionCacheConfig, or None: no cache
+
+    def make_omni(self, model: Any) -> Any:
+        from stepcache.omni import Omni
+
+        if self.cache_config is None:
+            return Omni(model, cache_backend=None, pipeline_config={"num_inference_steps": self.num_steps})
+        return Omni(model, cache_backend="step_cache", cache_config=self.cache_config)
 
 
-def run_episode(omni: Any, seed: int, world_config: Any = None) -> EpisodeRecord:
-    """Drive one episode closed loop: observe, generate a chunk, execute it, until done."""
-    from stepcache.models.dreamzero.world import ReachingWorld
+def cache_family(cache_config: Any) -> str:
+    """The bench family of a cache config: the seed's rule, a planned budget, an error budget,
+    DreamZero's mask, or another fixed schedule (what calibration writes)."""
+    from stepcache.config import DREAMZERO_STATIC_RUN_STEPS, StepCacheConfig
+    from stepcache.tools.benchmark.report import CALIBRATED, ERROR_BUDGET, PLANNED, STATIC_MASK, STEP_CACHE
 
-    world = ReachingWorld(world_config)
-    frame, state = world.reset(seed)
-    omni.start_episode(seed)
-    record = EpisodeRecord(seed=seed, success=False, chunks=0, final_distance=math.nan)
-    while not world.done:
-        out = omni.generate(frame, world.instruction, state)
-        record.observations.append(frame)
-        record.states.append(state)
-        record.actions.append(out.actions)
-        record.frames.append(out.frames)
-        record.latencies.append(out.stats.latency_s)
-        record.forwards.append(out.stats.dit_forwards)
-        record.ran.append(out.stats.ran)
-        record.similarity.append(out.stats.velocity_similarity)
-        frame, state = world.execute(out.actions)
-    record.success, record.chunks = world.success, world.chunks_done
-    record.final_distance = world.distance_to_goal
-    record.trajectory = np.asarray(world.trajectory)
-    record.targets, record.goal = world.targets.copy(), world.goal
-    return record
+    config = StepCacheConfig.from_diffusion_cache_config(cache_config)
+    if config.static_run_steps is not None:
+        return STATIC_MASK if config.static_run_steps == DREAMZERO_STATIC_RUN_STEPS else CALIBRATED
+    return {"planned": PLANNED, "error_budget": ERROR_BUDGET}.get(config.policy, STEP_CACHE)
 
 
-def replay_episode(omni: Any, reference: EpisodeRecord, instruction: str) -> EpisodeRecord:
-    """Open loop: feed ``reference``'s observations and states, same noise seed; record the outputs."""
-    omni.start_episode(reference.seed)
-    record = EpisodeRecord(seed=reference.seed, success=reference.success, chunks=reference.chunks,
-                           final_distance=reference.final_distance)
-    for frame, state in zip(reference.observations, reference.states):
-        out = omni.generate(frame, instruction, state)
-        record.actions.append(out.actions)
-        record.frames.append(out.frames)
-        record.ran.append(out.stats.ran)
-        record.similarity.append(out.stats.velocity_similarity)
-    return record
+def run_colours(cache_config: Any) -> dict[str, str]:
+    """The colours of ``none`` and of a ``step_cache`` row running ``cache_config``."""
+    from stepcache.tools.benchmark.report import FULL, family_colour
+
+    return {"none": family_colour(FULL), "step_cache": family_colour(cache_family(cache_config))}
+
+
+def cached_rows(args: argparse.Namespace, steps: int, calibrate: Any) -> list[DemoRow]:
+    """The rows that run a cache, in report order; ``calibrate()`` returns the calibrated config."""
+    from stepcache.config import DREAMZERO_STATIC_RUN_STEPS, DiffusionCacheConfig
+    from stepcache.tools.benchmark.report import CALIBRATED, PLANNED, STATIC_MASK
+
+    rows = []
+    if "step_cache" in args.rows:
+        rows.append(DemoRow("step_cache", cache_family(args.cache_config), steps, args.cache_config))
+    rows += [DemoRow(name, PLANNED, steps, DiffusionCacheConfig.preset(name)) for name in PRESET_ROWS
+             if name in args.rows]
+    if "calibrated" in args.rows:
+        rows.append(DemoRow("calibrated", CALIBRATED, steps, calibrate()))
+    if "static_mask" in args.rows:
+        rows.append(DemoRow("static_mask", STATIC_MASK, steps,
+                            DiffusionCacheConfig(step_cache_dit_static_run_steps=list(DREAMZERO_STATIC_RUN_STEPS))))
+    return rows
 
 
 def summarise(records: list[EpisodeRecord]) -> dict[str, Any]:
-    latencies = [t for r in records for t in r.latencies]
     forwards = [f for r in records for f in r.forwards]
     return {
-        "success_rate": float(np.mean([r.success for r in records])),
-        "chunks": len(latencies),
+        **success_summary(records),
+        "chunks": len(forwards),
         "chunks_per_episode": float(np.mean([r.chunks for r in records])),
         "dit_forwards_per_chunk": float(np.mean(forwards)),
-        "latency_per_chunk_s": float(np.median(latencies)),
-        "mean_latency_per_chunk_s": float(np.mean(latencies)),
         "mean_final_distance": float(np.mean([r.final_distance for r in records])),
     }
 
@@ -173,29 +229,6 @@ def fidelity(reference: list[EpisodeRecord], replayed: list[EpisodeRecord], acti
     }
 
 
-def run_colours(cache_config: Any) -> dict[str, str]:
-    """Each run's colour: the bench's colour of its method family (``full`` for the uncached run; the
-    cached run's by its config: the seed's rule, a planned budget, an error budget, DreamZero's mask,
-    or another fixed schedule, which is what calibration writes)."""
-    from stepcache.config import DREAMZERO_STATIC_RUN_STEPS, StepCacheConfig
-    from stepcache.tools.benchmark.report import (
-        CALIBRATED,
-        ERROR_BUDGET,
-        FULL,
-        PLANNED,
-        STATIC_MASK,
-        STEP_CACHE,
-        family_colour,
-    )
-
-    config = StepCacheConfig.from_diffusion_cache_config(cache_config)
-    if config.static_run_steps is not None:
-        family = STATIC_MASK if config.static_run_steps == DREAMZERO_STATIC_RUN_STEPS else CALIBRATED
-    else:
-        family = {"planned": PLANNED, "error_budget": ERROR_BUDGET}.get(config.policy, STEP_CACHE)
-    return {"none": family_colour(FULL), "step_cache": family_colour(family)}
-
-
 def threshold_lines(cache_config: Any) -> list[tuple[float, str]]:
     """``(threshold, label)`` for each threshold the config's rule compares the similarity with (none for
     a fixed schedule or another policy)."""
@@ -211,18 +244,25 @@ def threshold_lines(cache_config: Any) -> list[tuple[float, str]]:
     ]
 
 
+def interval_text(summary: dict[str, Any]) -> str:
+    low, high = summary["success_interval"]
+    return f"{100 * summary['success_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    header = ("run", "success", "DiT fwd/chunk", "median latency/chunk", "speedup", "action MSE vs none",
-              "video PSNR vs none")
+    header = ("run", "success [95% CI]", "crashed", "chunks to success", "DiT fwd/chunk", "median latency/chunk",
+              "speedup", "action MSE vs none", "video PSNR vs none")
     rows = [header]
-    for name in RUNS:
-        r = results[name]
+    for name, r in results.items():
+        timed = "latency_per_chunk_s" in r
         rows.append((
             name,
-            f"{100 * r['success_rate']:.0f}%",
+            interval_text(r),
+            f"{100 * r['crash_rate']:.1f}%",
+            format_number(r["mean_chunks_to_success"], 3),
             f"{r['dit_forwards_per_chunk']:.2f} / {r['num_inference_steps']}",
-            f"{format_number(1000 * r['latency_per_chunk_s'], 3)} ms",
-            f"{r.get('speedup', 1.0):.2f}x",
+            f"{format_number(1000 * r['latency_per_chunk_s'], 3)} ms" if timed else "-",
+            f"{r['speedup']:.2f}x" if timed else "-",
             "-" if name == "none" else format_number(r["action_mse_vs_none"]),
             "-" if name == "none" else f"{format_number(r['video_psnr_vs_none'], 3)} dB",
         ))
@@ -232,8 +272,36 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_success(path: Path, results: dict[str, dict[str, Any]], colours: dict[str, str], title: str) -> None:
+    """Success rate against DiT forwards per chunk, one point per row with its 95% Wilson interval;
+    the fewer-steps rows joined as the line every cache must stay above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fewer = sorted(((r["dit_forwards_per_chunk"], 100 * r["success_rate"]) for name, r in results.items()
+                    if name.startswith("fewer_steps") or name == "none"))
+    if len(fewer) > 1:
+        ax.plot(*zip(*fewer), "-", color=colours["fewer_steps"], lw=1, alpha=0.6, zorder=1)
+    for name, r in results.items():
+        low, high = (100 * v for v in r["success_interval"])
+        y = 100 * r["success_rate"]
+        ax.errorbar([r["dit_forwards_per_chunk"]], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=3,
+                    color=colours[name], label=name, zorder=2)
+    ax.set_xlabel("DiT forwards per chunk (of 16 steps)")
+    ax.set_ylabel("episode success (%), 95% Wilson interval")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success_radius: float,
-                 colours: dict[str, str]) -> None:
+                 colours: dict[str, str], obstacle_radius: float = 0.0) -> None:
     """Observations and predicted frames per chunk (both runs), and both trajectories."""
     import matplotlib
 
@@ -265,11 +333,13 @@ def plot_episode(path: Path, none: EpisodeRecord, cached: EpisodeRecord, success
                    facecolors="none" if index == 2 else "grey", edgecolors="k")
         ax.annotate(TARGET_KINDS[index] + (" (goal)" if index == none.goal else ""), (x, y), fontsize=8,
                     xytext=(5, 5), textcoords="offset points")
+    if none.obstacle is not None:
+        ax.add_patch(plt.Circle(tuple(none.obstacle), obstacle_radius, color="#bbbbbb", label="obstacle"))
     goal = none.targets[none.goal]
     ax.add_patch(plt.Circle(tuple(goal), success_radius, fill=False, ls=":", color="g",
                             label=f"success radius {success_radius:g}"))
     for record, name in ((none, "none"), (cached, "step_cache")):
-        outcome = "reached" if record.success else "missed"
+        outcome = "reached" if record.success else ("crashed" if record.crashed else "missed")
         ax.plot(record.trajectory[:, 0], record.trajectory[:, 1], ".-", ms=3, color=colours[name],
                 label=f"{name} ({outcome})")
     ax.set_xlim(0, 1)
@@ -341,64 +411,122 @@ def plot_similarity(
 
 def run(args: argparse.Namespace) -> int:
     """The demo; ``validate(args)`` has checked and converted the arguments first (``stepcache`` runs both)."""
-    from stepcache.models.dreamzero.world import INSTRUCTIONS, WorldConfig
-    from stepcache.omni import Omni
+    from stepcache.tools.benchmark.report import FEWER_STEPS, FULL, family_colour
+    from stepcache.tools.calibrate import calibrate_bundled
 
     set_torch_threads(args.threads)
     cache_config = checked_cache_config(args.cache_config)  # already converted when stepcache ran validate()
+    args.cache_config = cache_config
     start = time.perf_counter()
-    try:
-        omni = {"none": Omni(args.model, cache_backend=None),
-                "step_cache": Omni(args.model, cache_backend="step_cache", cache_config=cache_config)}
-    except ValueError as err:  # the model was checked in validate(): what is left is the config against it
-        raise UsageError(f"argument --cache-config: {err}") from None
-    print(f"stepcache demo: cache config {format_cache_config(cache_config)}", flush=True)
-    action_scale = omni["none"].pipeline.transformer.config.action_scale
-    records: dict[str, list[EpisodeRecord]] = {name: [] for name in RUNS}
-    replayed: list[EpisodeRecord] = []
-    with progress_bar(total=args.episodes, desc="demo", unit="episodes", enabled=show_progress(args)) as bar, \
-            contextlib.ExitStack() as engines:
-        for instance in omni.values():  # each Omni's engine thread ends with the episodes
-            engines.callback(instance.close)
-        for index in range(args.episodes):
-            seed = args.seed + index
-            # Interleave the runs per episode so that load changes on a shared machine hit both alike.
-            for name in RUNS:
-                records[name].append(run_episode(omni[name], seed))
-            reference = records["none"][-1]
-            replayed.append(replay_episode(omni["step_cache"], reference, INSTRUCTIONS[reference.goal]))
-            bar.set_postfix({name: f"{sum(r.success for r in records[name])}/{index + 1}" for name in RUNS})
-            bar.update()
+    seeds = episode_seeds(args.seed, args.episodes)
+    from stepcache.models.dreamzero.pipeline import DreamZeroPipelineConfig
+    from stepcache.models.dreamzero.weights import load_model, load_world_config
 
-    results = {name: summarise(records[name]) for name in RUNS}
-    steps = omni["none"].num_inference_steps
-    for name in RUNS:
-        results[name]["num_inference_steps"] = steps
-    results["step_cache"].update(fidelity(records["none"], replayed, action_scale))
-    results["step_cache"]["speedup"] = results["none"]["latency_per_chunk_s"] / results["step_cache"][
-        "latency_per_chunk_s"]
-    results["step_cache"]["cache_config"] = cache_config.to_dict()
-    results["step_cache"]["replay_dit_forwards_per_chunk"] = float(
-        np.mean([sum(r) for rec in replayed for r in rec.ran]))
-    results["none"]["speedup"] = 1.0
+    steps = DreamZeroPipelineConfig().num_inference_steps
+    world_config = load_world_config(args.model)
+    action_scale = load_model(args.model).config.action_scale
+    none_row = DemoRow("none", FULL, steps)
+
+    def calibrate() -> Any:
+        print(f"stepcache demo: calibrating at {CALIBRATED_FORWARDS} forwards on the episodes of seed "
+              f"{args.calibration_seed} ...", flush=True)
+        result = calibrate_bundled(str(args.model), seed=args.calibration_seed, held_out_seed=args.seed,
+                                   target_forwards=[CALIBRATED_FORWARDS])
+        return result.config
+
+    try:
+        rows = cached_rows(args, steps, calibrate)
+        for row in rows:  # every config against the model, before anything long runs
+            with contextlib.closing(row.make_omni(args.model)):
+                pass
+    except ValueError as err:  # the model was checked in validate(): what is left is a config against it
+        raise UsageError(f"argument --cache-config: {err}") from None
+    print(f"stepcache demo: {args.model} ({world_config.task} world), {len(rows) + 1} rows", flush=True)
+    print(f"stepcache demo: step_cache row's cache config {format_cache_config(cache_config)}", flush=True)
+
+    records: dict[str, list[EpisodeRecord]] = {}
+    replayed: dict[str, list[EpisodeRecord]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    planned = 1 + len(rows) + (len(rows) if "fewer_steps" in args.rows else 0)  # upper bound of rows
+    with progress_bar(total=planned * args.episodes, desc="demo", unit="episodes",
+                      enabled=show_progress(args)) as bar:
+
+        def closed_loop(row: DemoRow) -> None:
+            bar.set_postfix_str(row.name)
+            with contextlib.closing(row.make_omni(args.model)) as omni:
+                records[row.name] = run_episodes(omni, world_config, seeds, sessions=args.sessions,
+                                                 on_done=lambda _record: bar.update())
+                if row.name != "none":
+                    replayed[row.name] = replay_episodes(omni, records["none"], sessions=args.sessions)
+            results[row.name] = {**summarise(records[row.name]), "num_inference_steps": row.num_steps,
+                                 "family": row.family}
+            if row.cache_config is not None:
+                results[row.name]["cache_config"] = row.cache_config.to_dict()
+            if row.name != "none":
+                results[row.name].update(fidelity(records["none"], replayed[row.name], action_scale))
+
+        closed_loop(none_row)
+        for row in rows:
+            closed_loop(row)
+        fewer: list[DemoRow] = []
+        if "fewer_steps" in args.rows:  # at the forwards each cache spent
+            budgets = sorted({round(results[row.name]["dit_forwards_per_chunk"]) for row in rows})
+            fewer = [DemoRow(f"fewer_steps {k}", FEWER_STEPS, k) for k in budgets if 1 <= k < steps]
+        bar.total = (1 + len(rows) + len(fewer)) * args.episodes  # now known
+        for row in fewer:
+            closed_loop(row)
+    all_rows = [none_row, *rows, *fewer]
+    if args.timed_episodes:
+        time_rows(args, all_rows, world_config, seeds[: args.timed_episodes], results)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    episode_png, similarity_png = out_dir / EPISODE_PNG, out_dir / SIMILARITY_PNG
-    colours = run_colours(cache_config)
-    plot_episode(episode_png, records["none"][0], records["step_cache"][0], WorldConfig().success_radius, colours)
-    plot_similarity(similarity_png, records["none"], replayed, threshold_lines(cache_config), colours)
+    colours = {row.name: family_colour(row.family) for row in all_rows}
+    success_png = out_dir / SUCCESS_PNG
+    plot_success(success_png, results, {**colours, "fewer_steps": family_colour(FEWER_STEPS)},
+                 f"{args.model}: {args.episodes} held-out episodes per row (seed {args.seed})")
+    written = [success_png]
+    if "step_cache" in records:
+        episode_png, similarity_png = out_dir / EPISODE_PNG, out_dir / SIMILARITY_PNG
+        pair = {"none": colours["none"], "step_cache": colours["step_cache"]}
+        plot_episode(episode_png, records["none"][0], records["step_cache"][0], world_config.success_radius, pair,
+                     getattr(world_config, "obstacle_radius", 0.0))
+        plot_similarity(similarity_png, records["none"], replayed["step_cache"], threshold_lines(cache_config), pair)
+        written += [episode_png, similarity_png]
     elapsed = time.perf_counter() - start
 
-    last_seed = args.seed + args.episodes - 1
-    print(f"stepcache demo: {args.model}, {args.episodes} episodes (seeds {args.seed}..{last_seed}), "
+    print(f"stepcache demo: {args.model}, {args.episodes} episodes per row (world seeds {seeds[0]}..{seeds[-1]}), "
           f"{steps} denoising steps per chunk, {elapsed:.0f} s")
     print(format_table(results))
-    print(f"speedup ceiling {steps}/forwards: {steps / results['step_cache']['dit_forwards_per_chunk']:.2f}x; "
-          f"action MSE in units of the largest move; PSNR over predicted frames in [0, 1], same inputs and noise")
-    print(f"wrote {episode_png} and {similarity_png}")
+    print(f"success: share of episodes that reached the target (95% Wilson interval); latency and speedup timed on "
+          f"{args.timed_episodes} episodes run one at a time; action MSE in units of the largest move; PSNR over "
+          "predicted frames in [0, 1], same inputs and noise as none")
+    print("wrote " + ", ".join(str(path) for path in written))
     if args.json is not None:
-        payload = {"model": str(args.model), "episodes": args.episodes, "seed": args.seed,
-                   "elapsed_s": elapsed, "runs": results, "run": run_metadata(args)}
+        payload = {"model": str(args.model), "task": world_config.task, "episodes": args.episodes, "seed": args.seed,
+                   "calibration_seed": args.calibration_seed, "world_seeds": [seeds[0], seeds[-1]],
+                   "sessions": args.sessions, "timed_episodes": args.timed_episodes, "elapsed_s": elapsed,
+                   "runs": results, "run": run_metadata(args)}
         print(f"wrote {write_json(args.json, payload)}")
     return 0
+
+
+def time_rows(args: argparse.Namespace, rows: list[DemoRow], world_config: Any, seeds: list[int],
+              results: dict[str, dict[str, Any]]) -> None:
+    """Median chunk latency of each row on ``seeds``, every episode run alone; rows interleaved per episode
+    so that a change of load on a shared machine hits every row alike."""
+    latencies: dict[str, list[float]] = {row.name: [] for row in rows}
+    with contextlib.ExitStack() as stack:
+        omnis = {row.name: stack.enter_context(contextlib.closing(row.make_omni(args.model))) for row in rows}
+        with progress_bar(total=len(seeds), desc="demo timing", unit="episodes", enabled=show_progress(args)) as bar:
+            for seed in seeds:
+                for row in rows:
+                    record = run_episodes(omnis[row.name], world_config, [seed], sessions=1)[0]
+                    latencies[row.name] += record.latencies
+                bar.update()
+    for row in rows:
+        results[row.name]["latency_per_chunk_s"] = float(np.median(latencies[row.name]))
+        results[row.name]["mean_latency_per_chunk_s"] = float(np.mean(latencies[row.name]))
+    base = results["none"]["latency_per_chunk_s"]
+    for row in rows:
+        results[row.name]["speedup"] = base / results[row.name]["latency_per_chunk_s"]

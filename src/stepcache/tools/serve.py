@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument("--model", default="dreamzero-mini", metavar="NAME|DIR",
-                        help="bundled model (choices: dreamzero-mini) or a folder with config.json + model.safetensors")
+                        help="bundled model (choices: dreamzero-mini, dreamzero-detour) or a folder with config.json + "
+                             "model.safetensors")
     add_cache_config_argument(parser)
     parser.add_argument("--no-cache", action="store_true", help="serve without StepCache (every step computed)")
     parser.add_argument("--host", default=DEFAULT_HOST,

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # model name -> module that defines train_bundled()
 TRAINERS = {
     "dreamzero-mini": "stepcache.models.dreamzero.training",
+    "dreamzero-detour": "stepcache.models.dreamzero_detour.training",
     "wan-digits": "stepcache.models.wan_digits.training",
 }
 WEIGHT_FILES = ("config.json", "model.safetensors")
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimizer steps (default: the shipped weights' count)")
     parser.add_argument("--steps", dest="train_steps", type=positive_int, action=DeprecatedAlias,
                         replacement="--train-steps")
-    add_threads_argument(parser, note="default: the model's own, 1 for dreamzero-mini")
+    add_threads_argument(parser, note="default: the model's own, 1 for dreamzero-mini and dreamzero-detour")
     add_json_argument(parser, "also write the run (output folder, seconds, versions) to this JSON file")
     add_progress_argument(parser)
 

@@ -735,9 +735,14 @@ class DreamZeroPipeline:
     """
 
     def __init__(self, transformer: CausalWorldActionDiT, config: DreamZeroPipelineConfig | None = None, *,
-                 parallel: ParallelGroups | None = None) -> None:
+                 parallel: ParallelGroups | None = None, world_config: Any = None) -> None:
+        from stepcache.models.dreamzero.world import WorldConfig
+
         self.transformer = transformer.eval()
         self.config = config or DreamZeroPipelineConfig()
+        # The world the model was trained on (from its config.json; the reaching world when none is named):
+        # what the demo, the bench and the load benchmark drive. ``world_config.make_world()`` starts an episode.
+        self.world_config = WorldConfig() if world_config is None else world_config
         if parallel is not None and not isinstance(parallel, ParallelGroups):
             raise ValueError(f"parallel must be a ParallelGroups (ParallelGroups.create(...)) or None, got "
                              f"{type(parallel).__name__}")
@@ -765,9 +770,9 @@ class DreamZeroPipeline:
         parallel: ParallelGroups | None = None,
     ) -> DreamZeroPipeline:
         """Load a bundled model by name, or a directory holding ``config.json`` + ``model.safetensors``."""
-        from stepcache.models.dreamzero.weights import load_model
+        from stepcache.models.dreamzero.weights import load_model, load_world_config
 
-        return cls(load_model(model), config, parallel=parallel)
+        return cls(load_model(model), config, parallel=parallel, world_config=load_world_config(model))
 
     @property
     def decision_group(self) -> Any:

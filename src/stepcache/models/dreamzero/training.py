@@ -36,7 +36,6 @@ from stepcache.models.dreamzero.model import CausalWorldActionDiT, DreamZeroMini
 from stepcache.models.dreamzero.world import (
     ExpertEpisodes,
     WorldConfig,
-    generate_expert_episodes,
     goal_sprite_mask,
 )
 
@@ -233,8 +232,12 @@ def train(
     progress: bool | Callable[..., Any] = False,
     log_every: int = 100,
     callback: Callable[[int, CausalWorldActionDiT], None] | None = None,
+    init: CausalWorldActionDiT | None = None,
+    name: str = "dreamzero-mini",
 ) -> tuple[CausalWorldActionDiT, list[dict[str, float]]]:
-    """Train from scratch; returns the EMA model (eval mode) and the per-step loss history.
+    """Train from scratch, or from ``init``'s weights; returns the EMA model (eval mode) and the per-step
+    loss history. ``world`` is any world config with ``expert_episodes(batch, rng)`` (the reaching
+    world's :class:`WorldConfig` by default).
 
     ``callback(step, ema_model)`` runs after every optimiser step (e.g. to checkpoint). ``progress``:
     True for a tqdm bar, or ``progress(total=, desc=, unit=)`` returning a tqdm-like bar.
@@ -252,6 +255,8 @@ def train(
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = CausalWorldActionDiT(model_config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     ema = CausalWorldActionDiT(model_config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -264,18 +269,18 @@ def train(
     )
     bar = None
     if callable(progress):  # the caller's bar (stepcache train: a bar on a terminal, lines off one)
-        bar = progress(total=config.steps, desc="train dreamzero-mini", unit="steps")
+        bar = progress(total=config.steps, desc=f"train {name}", unit="steps")
     elif progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, desc="train dreamzero-mini", unit="step")
+        bar = tqdm(total=config.steps, desc=f"train {name}", unit="step")
     history: list[dict[str, float]] = []
     episodes = None
     start = time.perf_counter()
     model.train()
     for step in range(config.steps):
         if step % config.pool_reuse_steps == 0:
-            episodes = generate_expert_episodes(config.episodes_per_pool, rng, world)
+            episodes = world.expert_episodes(config.episodes_per_pool, rng)
         batch = make_batch(episodes, rng, config.batch_size, world, model_config, config.context_reset_chunks,
                            config.context_length_weights)
         for group in optimizer.param_groups:

@@ -29,14 +29,18 @@ MODEL_TYPE = "dreamzero-mini"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-BUNDLED_MODELS = ("dreamzero-mini",)
+# Bundled models of this architecture -> the package folder that holds their weights/ (each world's
+# model sits beside the world it was trained on).
+_BUNDLED_PACKAGES = {"dreamzero-detour": "dreamzero_detour", "dreamzero-mini": "dreamzero"}
+BUNDLED_MODELS = tuple(_BUNDLED_PACKAGES)
+DEFAULT_MODEL = "dreamzero-detour"  # the main job's model: the task on which caching can cost success
 
 
 def bundled_weights_dir(name: str = "dreamzero-mini") -> Path:
     """Folder of a bundled model inside the package."""
-    if name not in BUNDLED_MODELS:
+    if name not in _BUNDLED_PACKAGES:
         raise ValueError(f"unknown bundled model {name!r}; bundled: {list(BUNDLED_MODELS)}")
-    return Path(__file__).resolve().parent / "weights" / name
+    return Path(__file__).resolve().parent.parent / _BUNDLED_PACKAGES[name] / "weights" / name
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -96,6 +100,31 @@ def load_config(model_dir: str | Path) -> dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: invalid 'model' section: {error}") from error
     return data
+
+
+def load_world_config(model: str | Path = "dreamzero-mini") -> Any:
+    """The world a model was trained on, from its ``config.json``'s ``"world"`` section: a
+    :class:`~stepcache.models.dreamzero.world.WorldConfig` (the reaching world, also for folders
+    without that section) or a :class:`~stepcache.models.dreamzero_detour.world.DetourConfig`."""
+    from stepcache.models.dreamzero.world import TASK as REACHING
+    from stepcache.models.dreamzero.world import WorldConfig
+    from stepcache.models.dreamzero_detour.world import TASK as DETOUR
+    from stepcache.models.dreamzero_detour.world import DetourConfig
+
+    model_dir = resolve_model_dir(model)
+    section = load_config(model_dir).get("world", {"task": REACHING})
+    worlds = {REACHING: WorldConfig, DETOUR: DetourConfig}
+    path = model_dir / CONFIG_NAME
+    if not isinstance(section, dict) or section.get("task") not in worlds:
+        found = section.get("task") if isinstance(section, dict) else section
+        raise ValueError(f"{path}: 'world' must name a task, one of {list(worlds)}; found {found!r}")
+    cls = worlds[section["task"]]
+    fields = {key: tuple(value) if isinstance(value, list) else value  # JSON has no tuples
+              for key, value in section.items() if key != "task"}
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: invalid 'world' section: {error}") from error
 
 
 def load_model(model: str | Path = "dreamzero-mini") -> CausalWorldActionDiT:

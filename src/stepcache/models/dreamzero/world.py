@@ -24,6 +24,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+TASK = "reaching"
 TARGET_KINDS: tuple[str, ...] = ("square", "plus", "ring")
 INSTRUCTIONS: tuple[str, ...] = tuple(f"reach the {kind}" for kind in TARGET_KINDS)
 
@@ -82,6 +83,20 @@ class WorldConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # A world config knows its task, so that a model's config.json can name the world it was trained on
+    # and the tools (demo, bench, load benchmark) drive that world: see stepcache.models.dreamzero.weights.
+    @property
+    def task(self) -> str:
+        return TASK
+
+    def make_world(self) -> ReachingWorld:
+        """A fresh closed-loop episode of this task (call ``reset(seed)`` on it)."""
+        return ReachingWorld(self)
+
+    def expert_episodes(self, batch: int, rng: np.random.Generator) -> ExpertEpisodes:
+        """``batch`` scripted-expert episodes of this task: the training data."""
+        return generate_expert_episodes(batch, rng, self)
+
 
 def instruction_index(instruction: str | int) -> int:
     """Index of an instruction in :data:`INSTRUCTIONS` (text, case and spacing ignored, or index)."""
@@ -107,10 +122,15 @@ def render_frames(agent: np.ndarray, targets: np.ndarray, frame_size: int = 32) 
     Returns:
         ``(B, frame_size, frame_size)`` float32 frames.
     """
+    frames = np.zeros((np.asarray(agent).shape[0], frame_size, frame_size), dtype=np.float32)
+    return draw_targets_and_agent(frames, agent, targets, frame_size)
+
+
+def draw_targets_and_agent(frames: np.ndarray, agent: np.ndarray, targets: np.ndarray, frame_size: int) -> np.ndarray:
+    """Draw the target sprites, then the agent over everything, into ``frames`` ``(B, S, S)`` (in place)."""
     agent = np.asarray(agent, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64)
     batch = agent.shape[0]
-    frames = np.zeros((batch, frame_size, frame_size), dtype=np.float32)
     rows_b = np.arange(batch)[:, None]
     for kind_index, kind in enumerate(TARGET_KINDS):
         offsets, level = _SPRITES[kind]
@@ -224,6 +244,7 @@ class ExpertEpisodes:
     actions: np.ndarray  # (B, T, 2)
     targets: np.ndarray  # (B, K, 2)
     goal: np.ndarray  # (B,) instructed target index = instruction index
+    obstacle: np.ndarray | None = None  # (B, 2) obstacle centres, in worlds that have one
 
 
 def generate_expert_episodes(batch: int, rng: np.random.Generator, config: WorldConfig) -> ExpertEpisodes:
@@ -303,7 +324,18 @@ class ReachingWorld:
         if not np.isfinite(actions).all():
             raise ValueError("actions must be finite")
         for action in actions:
-            self.agent = apply_action(self.agent[None], action[None], self.config)[0]
+            self._move(action)
             self.trajectory.append(self.agent.copy())
+            if self.done_moving:
+                break
         self.chunks_done += 1
         return self.observe()
+
+    @property
+    def done_moving(self) -> bool:
+        """True once the agent can no longer move in this episode (never, here; a crash in a world with
+        obstacles)."""
+        return False
+
+    def _move(self, action: np.ndarray) -> None:
+        self.agent = apply_action(self.agent[None], action[None], self.config)[0]

@@ -1,6 +1,7 @@
-"""The benchmark on ``dreamzero-mini``: the DreamZero-style world-action pipeline, chunk by chunk.
+"""The benchmark on ``dreamzero-mini`` and ``dreamzero-detour``: the DreamZero-style world-action
+pipeline, chunk by chunk, in the world its model was trained on.
 
-Inputs are fixed chunk contexts: ``episodes`` closed-loop episodes of the reaching world are driven
+Inputs are fixed chunk contexts: ``episodes`` closed-loop episodes of the world are driven
 once by the uncached pipeline, and every chunk's observation and robot state is recorded. Every method
 then replays those episodes open loop (the KV context carried across chunks as in the episode, the
 same noise per chunk), so its actions and predicted frames compare one to one with the full-step
@@ -8,8 +9,9 @@ run's:
 
 - fidelity: PSNR and SSIM of the predicted frames, and the action MSE (model units, where the longest
   allowed move is 1) against the full-step output;
-- quality (no reference): the closed-loop success rate when the method drives the agent itself, on
-  ``closed_loop_episodes`` fresh episodes, and the mean final distance to the instructed target.
+- quality (no reference): the closed-loop success rate, with its 95% Wilson interval, when the
+  method drives the agent itself on ``closed_loop_episodes`` fresh episodes; the crash rate (worlds
+  with an obstacle) and the mean final distance to the instructed target.
 
 ``nfe`` counts denoising DiT forwards per chunk (16 for ``full``). The timestep-0 prefill forward that
 writes the observation into the KV cache runs once per chunk for every method and is not counted.
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from stepcache.backend import disable_stepcache, enable_dreamzero_stepcache
+from stepcache.tools.benchmark.closed_loop import wilson_interval
 from stepcache.tools.benchmark.harness import BenchTarget, Method, PeerCache, Sample
 from stepcache.tools.benchmark.metrics import psnr_db, ssim
 
@@ -76,9 +79,8 @@ class DreamZeroTarget(BenchTarget):
 
     name = "dreamzero-mini"
 
-    def __init__(self, pipeline: Any, *, episodes: int = 8, closed_loop_episodes: int = 20, seed: int = 0) -> None:
-        from stepcache.models.dreamzero.world import WorldConfig
-
+    def __init__(self, pipeline: Any, *, episodes: int = 8, closed_loop_episodes: int = 20, seed: int = 0,
+                 name: str = "dreamzero-mini") -> None:
         if episodes < 1 or closed_loop_episodes < 0:
             raise ValueError(
                 f"episodes must be >= 1 and closed_loop_episodes >= 0, got {episodes}, {closed_loop_episodes}"
@@ -86,7 +88,8 @@ class DreamZeroTarget(BenchTarget):
         self.pipe = pipeline
         self.num_steps = pipeline.config.num_inference_steps
         self.seed = seed
-        self.world_config = WorldConfig()
+        self.name = name
+        self.world_config = pipeline.world_config  # the world the model was trained on
         if episodes > SEED_STRIDE // 2 or closed_loop_episodes > SEED_STRIDE // 2:
             raise ValueError(
                 f"at most {SEED_STRIDE // 2} episodes of each kind, got {episodes} and {closed_loop_episodes}"
@@ -102,9 +105,7 @@ class DreamZeroTarget(BenchTarget):
         return torch.Generator().manual_seed(1_000_003 * (1 + self.seed) + episode_seed)
 
     def _closed_loop(self, episode_seed: int, num_steps: int) -> tuple[Any, RecordedEpisode]:
-        from stepcache.models.dreamzero.world import ReachingWorld
-
-        world = ReachingWorld(self.world_config)
+        world = self.world_config.make_world()
         frame, state = world.reset(episode_seed)
         self.pipe.reset_context()
         generator = self.episode_generator(episode_seed)
@@ -179,8 +180,13 @@ class DreamZeroTarget(BenchTarget):
             worlds = [self._closed_loop(seed, method.num_steps)[0] for seed in self.closed_loop_seeds]
         finally:
             disable_stepcache(self.pipe)
+        wins = sum(w.success for w in worlds)
+        low, high = wilson_interval(wins, len(worlds))
         return {
-            "success_rate": float(np.mean([w.success for w in worlds])),
+            "success_rate": wins / len(worlds),
+            "success_low": low,  # the 95% Wilson interval
+            "success_high": high,
+            "crash_rate": float(np.mean([getattr(w, "crashed", False) for w in worlds])),
             "final_distance": float(np.mean([w.distance_to_goal for w in worlds])),
         }
 

@@ -66,16 +66,22 @@ def frontier(rows: Sequence[Row], budgets: Sequence[int], metric: str = "psnr_db
     budgets = sorted(budgets)
     best: dict[int, dict[str, Row]] = {b: {} for b in budgets}
     for row in rows:
-        value = row.fidelity.get(metric)
+        value = _metric(row, metric)
         if row.method.method == FULL or value is None or not math.isfinite(row.nfe):
             continue
         bucket = next((b for b in budgets if row.nfe <= b + 1e-6), None)
         if bucket is None:
             continue
         current = best[bucket].get(row.method.method)
-        if current is None or value > current.fidelity[metric]:
+        if current is None or value > _metric(current, metric):
             best[bucket][row.method.method] = row
     return best
+
+
+def _metric(row: Row, metric: str) -> float | None:
+    """A fidelity score (against the full-step output) or a quality score (closed-loop success ...)."""
+    value = row.fidelity.get(metric)
+    return row.quality.get(metric) if value is None else value
 
 
 def frontier_table(rows: Sequence[Row], budgets: Sequence[int], metric: str = "psnr_db") -> str:
@@ -90,8 +96,8 @@ def frontier_table(rows: Sequence[Row], budgets: Sequence[int], metric: str = "p
         cells = [f"<= {budget}"]
         for family in families:
             row = by_family.get(family)
-            cells.append("-" if row is None else f"{_cell(row.fidelity[metric])} ({row.nfe:.2f})")
-        winner = max(by_family.values(), key=lambda r: r.fidelity[metric], default=None)
+            cells.append("-" if row is None else f"{_cell(_metric(row, metric))} ({row.nfe:.2f})")
+        winner = max(by_family.values(), key=lambda r: _metric(r, metric), default=None)
         cells.append("-" if winner is None else winner.method.method)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -100,7 +106,7 @@ def frontier_table(rows: Sequence[Row], budgets: Sequence[int], metric: str = "p
 def frontier_json(rows: Sequence[Row], budgets: Sequence[int], metric: str = "psnr_db") -> dict[str, Any]:
     return {
         str(budget): {
-            family: {"nfe": round(row.nfe, 4), metric: row.fidelity[metric], "config": row.method.config}
+            family: {"nfe": round(row.nfe, 4), metric: _metric(row, metric), "config": row.method.config}
             for family, row in by_family.items()
         }
         for budget, by_family in frontier(rows, budgets, metric).items()
