@@ -117,6 +117,8 @@ class EngineStats:
     prefill_forwards: int = 0
     chunk_forwards: int = 0  # sum over denoising forwards of the chunks in each
     chunk_steps: int = 0  # sum over engine steps of the chunks in flight
+    denoise_rows: int = 0  # DiT rows over all denoising forwards (2 per single-sample chunk with CFG)
+    prefill_rows: int = 0
 
     @property
     def chunks_per_forward(self) -> float:
@@ -348,6 +350,7 @@ class BatchingEngine:
         failures = self.pipeline.prefill(jobs)
         with self._cond:
             self._stats.prefill_forwards += 1 + (len(jobs) if failures and len(jobs) > 1 else 0)
+            self._stats.prefill_rows += sum(job.rows for job in jobs)
         for job, error in failures.items():
             job.rollback()
             self._fail(job.request, error)  # type: ignore[attr-defined]
@@ -375,7 +378,8 @@ class BatchingEngine:
         groups = list(self._groups)
         before = {job: len(job.forward_batch_sizes) for group in groups for job in group.jobs}
         failures = self.pipeline.denoise_step(groups)
-        computed = sum(len(job.forward_batch_sizes) > count for job, count in before.items())
+        computing = [job for job, count in before.items() if len(job.forward_batch_sizes) > count]
+        computed = len(computing)
         finished = [group for group in groups if group.done and group not in failures]
         with self._cond:
             self._finished_since_admission += sum(len(group.jobs) for group in (*failures, *finished))
@@ -384,6 +388,7 @@ class BatchingEngine:
             if computed:
                 self._stats.denoise_forwards += 1
                 self._stats.chunk_forwards += computed
+                self._stats.denoise_rows += sum(job.rows for job in computing)
             self._groups = [group for group in groups if group not in failures and group not in finished]
         for group, error in failures.items():
             for job in group.jobs:

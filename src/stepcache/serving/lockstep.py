@@ -61,6 +61,8 @@ class LockstepEngine:
                 self._stats.prefill_forwards += output.prefill_forwards
                 self._stats.denoise_forwards += output.dit_forwards
                 self._stats.chunk_forwards += output.dit_forwards
+                self._stats.denoise_rows += output.dit_forwards * job.rows
+                self._stats.prefill_rows += job.rows
                 self._stats.steps += len(output.ran)
                 self._stats.chunk_steps += len(output.ran)
                 request.future.set_result(output)
