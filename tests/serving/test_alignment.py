@@ -32,27 +32,24 @@ def _submit(session, episode, chunk):
 
 
 def test_a_chunk_arriving_mid_cohort_waits_for_the_boundary_and_its_outputs_do_not_change(tiny_dir, alone):
-    """B and C arrive while A is in flight: they start together when A ends, share every forward, and
-    each gets the outputs it gets alone (decisions identical, outputs within the serving bounds)."""
+    """B and C arrive while A is in flight: they wait for A to end and for A's robot to come back, then
+    the three start together, share every forward, and each gets the outputs it gets alone."""
     with _omni(tiny_dir, wait_s=30.0) as omni:
         sessions = [omni.open_session(seed=episode.seed) for episode in alone]
         first = _submit(sessions[0], alone[0], 0)
         time.sleep(4 * STEP_S)  # A is a few steps in
         later = [_submit(session, episode, 0) for session, episode in zip(sessions[1:], alone[1:])]
         a = first.result(timeout=60)
-        b, c = (future.result(timeout=60) for future in later)
         assert set(a.stats.forward_batch_sizes) == {1}  # nobody joined A mid-chunk
-        assert b.stats.queue_s > 0.1 and c.stats.queue_s > 0.1  # they waited for A to end
-        for out in (b, c):
-            assert set(out.stats.forward_batch_sizes) == {2}  # aligned: every computed step shared
-        for out, episode in zip((a, b, c), alone):
+        assert_same_chunk(a, alone[0].outputs[0])
+        time.sleep(0.1)  # A's robot takes a while to come back: B and C wait for it
+        a_next = _submit(sessions[0], alone[0], 1)
+        b, c = (future.result(timeout=60) for future in later)
+        for out, episode in zip((b, c), alone[1:]):
+            assert out.stats.queue_s > 0.2  # through A's chunk and the gathering
+            assert set(out.stats.forward_batch_sizes) == {3}  # aligned: every computed step shared
             assert_same_chunk(out, episode.outputs[0])
-        # the next chunks of all three, sent one after the other, start as one cohort
-        futures = [_submit(session, episode, 1) for session, episode in zip(sessions, alone)]
-        for future, episode in zip(futures, alone):
-            out = future.result(timeout=60)
-            assert_same_chunk(out, episode.outputs[1])
-            assert 3 in out.stats.forward_batch_sizes
+        assert_same_chunk(a_next.result(timeout=60), alone[0].outputs[1])
 
 
 def test_the_admission_wait_is_bounded(tiny_dir, alone):
@@ -75,7 +72,8 @@ def test_the_admission_wait_is_bounded(tiny_dir, alone):
 
 def test_at_a_boundary_the_cohort_gathers_the_chunks_that_just_finished(tiny_dir, alone):
     """Two chunks finished together; their next chunks arrive 0.15 s apart: the first waits for the
-    second (they were a cohort), and they start together."""
+    second (they were a cohort), and they start together; with nobody coming back, the gathering ends
+    at the bound."""
     with _omni(tiny_dir, wait_s=5.0) as omni:
         sessions = [omni.open_session(seed=episode.seed) for episode in alone[:2]]
         with omni.engine.paused():
@@ -90,6 +88,14 @@ def test_at_a_boundary_the_cohort_gathers_the_chunks_that_just_finished(tiny_dir
         for out, episode in zip(outs, alone):
             assert set(out.stats.forward_batch_sizes) == {2}
             assert_same_chunk(out, episode.outputs[1])
+    with _omni(tiny_dir, wait_s=0.3) as omni:
+        sessions = [omni.open_session(seed=episode.seed) for episode in alone[:2]]
+        with omni.engine.paused():
+            futures = [_submit(session, episode, 0) for session, episode in zip(sessions, alone)]
+        for future in futures:
+            future.result(timeout=60)
+        lone = _submit(sessions[0], alone[0], 1).result(timeout=60)  # the other robot never comes back
+        assert 0.25 <= lone.stats.queue_s <= 0.3 + 0.25
 
 
 def test_a_lone_session_never_waits(tiny_dir, alone):

@@ -57,8 +57,10 @@ class EngineConfig:
             it again).
         admission_wait_s: align the chunks' steps: a chunk that arrives while others are in flight
             waits, up to this many seconds, for the cohort boundary (no chunk in flight), and at the
-            boundary the next cohort starts once as many chunks wait as finished in the last one (the
-            closed-loop robots coming back), or once the oldest has waited this long. Chunks that
+            boundary the next cohort starts once the chunks that just finished have come back (as many
+            new ones as finished: the closed-loop robots), or this many seconds after the boundary
+            (so a chunk waits at most twice this long). Set it to about one chunk's duration: a
+            shorter bound lets chunks join mid-cohort, out of step, and they stay so. Chunks that
             start together are at the same step throughout, so with a schedule known in advance
             (``static_run_steps``, the ``planned`` policy) they compute the same steps and a skipped
             step is skipped by all of them: whole forwards disappear. 0 (default): admit at once,
@@ -189,6 +191,7 @@ class BatchingEngine:
         self._closed = False
         self._holds = 0
         self._finished_since_admission = 0  # chunks a closed-loop client may send again (alignment)
+        self._boundary_at = 0.0  # when the last chunk in flight finished (alignment)
         self._stats = EngineStats()
         # torch's intra-op thread count is per thread (OpenMP): a new thread would take every core, so the
         # worker takes the count of the thread that made the engine.
@@ -321,10 +324,11 @@ class BatchingEngine:
         overdue = [request for request in self._waiting if now - request.submitted >= wait_s]
         if self._groups:  # mid-cohort: only a chunk that waited its bound joins now (out of step)
             return overdue[:capacity], None
-        gathered = len(self._waiting) >= max(self._finished_since_admission, 1) or len(self._waiting) >= capacity
-        if gathered or overdue:
+        returned = sum(request.submitted >= self._boundary_at for request in self._waiting)
+        gathered = returned >= self._finished_since_admission or len(self._waiting) >= capacity
+        if gathered or now - self._boundary_at >= wait_s:
             return self._waiting[:capacity], None
-        return [], max(wait_s - (now - self._waiting[0].submitted), 1e-4)
+        return [], max(wait_s - (now - self._boundary_at), 1e-4)
 
     def _admit(self, requests: list[ChunkRequest]) -> None:
         now = time.perf_counter()
@@ -390,6 +394,8 @@ class BatchingEngine:
                 self._stats.chunk_forwards += computed
                 self._stats.denoise_rows += sum(job.rows for job in computing)
             self._groups = [group for group in groups if group not in failures and group not in finished]
+            if not self._groups:
+                self._boundary_at = time.perf_counter()
         for group, error in failures.items():
             for job in group.jobs:
                 job.rollback()
