@@ -8,8 +8,15 @@ a real 14B forward is thousands of times longer). On a CUDA device it also measu
 transient memory exactly (peak allocated minus what was allocated before), against the size of one
 velocity.
 
+With ``--engine-sessions N`` it also measures the serving engine's own cost per session-step: N
+sessions of an in-process ``Omni`` whose DiT costs nothing (its forward hands back its inputs as
+velocities, its prefill does nothing), all chunks submitted together, wall time over N x 16 steps.
+That is everything the engine does besides the model: inputs, decisions, CFG, scheduler replay,
+bookkeeping, the hand-off to the worker thread.
+
     .venv/bin/python benchmarks/decision_overhead.py              # CPU (and CUDA when present)
     .venv/bin/python benchmarks/decision_overhead.py --json out.json
+    .venv/bin/python benchmarks/decision_overhead.py --engine-sessions 64 --repeats 5 --no-decisions
 """
 
 from __future__ import annotations
@@ -126,11 +133,50 @@ def model_forward_ms(repeats: int, device: str = "cpu") -> float:
         return 1e3 * median_seconds(lambda: model(video, actions, state, t, t, instructions, cache), repeats, sync)
 
 
+ENGINE_MODES = {"none": None, "seed rule": "seed", "fast": "fast", "balanced": "balanced"}
+
+
+def engine_overhead(sessions: int, chunks: int, device: str = "cpu") -> dict[str, float]:
+    """Microseconds of engine work per session-step, per cache mode, with a DiT that costs nothing."""
+    from stepcache.models.dreamzero.model import DiTOutput
+    from stepcache.models.dreamzero.world import ReachingWorld
+    from stepcache.omni import Omni
+
+    result = {}
+    for mode, preset in ENGINE_MODES.items():
+        backend = None if preset is None else "step_cache"
+        omni = Omni("dreamzero-mini", cache_backend=backend, cache_config=preset, device=device)
+        model = omni.pipeline.transformer
+        model.forward = lambda video, actions, *rest: DiTOutput(video=video, action=actions, goal_position=None)
+        model.prefill = lambda *args, **kwargs: None
+        opened = [omni.open_session(seed=index) for index in range(sessions)]
+        inputs = []
+        for index in range(sessions):
+            frame, state = ReachingWorld().reset(index)
+            inputs.append((frame, "reach the ring", state))
+        steps = omni.num_inference_steps
+        times = []
+        for chunk in range(chunks + 1):  # the first round warms up (replay tables, allocator)
+            start = time.perf_counter()
+            with omni.engine.paused():
+                futures = [session.submit(*inputs[i]) for i, session in enumerate(opened)]
+            for future in futures:
+                future.result()
+            if chunk:
+                times.append(time.perf_counter() - start)
+        omni.close()
+        result[mode] = 1e6 * statistics.median(times) / (sessions * steps)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--engine-sessions", type=int, default=0, metavar="N",
+                        help="also time the serving engine's work per session-step with N sessions (0: not)")
+    parser.add_argument("--no-decisions", action="store_true", help="skip the decision and forward timings")
     add_update_docs_figures_argument(parser)
     args = parser.parse_args()
     if args.json is not None:
@@ -138,19 +184,25 @@ def main() -> None:
             prepare_out_file(args.json, update_docs_figures=args.update_docs_figures)
         except UsageError as err:
             parser.error(str(err))
+    if args.engine_sessions < 0:
+        parser.error(f"--engine-sessions must be >= 0, got {args.engine_sessions}")
     torch.set_num_threads(args.threads)
     report = {
         "stepcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "velocity_shape": list(DROID_VELOCITY),
-        "dreamzero_mini_forward_ms": {"cpu": model_forward_ms(args.repeats)}, "runs": [],
+        "threads": torch.get_num_threads(), "velocity_shape": list(DROID_VELOCITY), "runs": [],
     }
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
-        report["dreamzero_mini_forward_ms"]["cuda"] = model_forward_ms(args.repeats, "cuda")
-    for device in devices:
-        for dtype in (torch.float32, torch.bfloat16):
-            report["runs"].append(measure(device, dtype, args.repeats))
+    if not args.no_decisions:
+        report["dreamzero_mini_forward_ms"] = {device: model_forward_ms(args.repeats, device) for device in devices}
+        for device in devices:
+            for dtype in (torch.float32, torch.bfloat16):
+                report["runs"].append(measure(device, dtype, args.repeats))
+    if args.engine_sessions:
+        report["engine_us_per_session_step"] = {
+            device: engine_overhead(args.engine_sessions, args.repeats, device) for device in devices}
+        report["engine_sessions"] = args.engine_sessions
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

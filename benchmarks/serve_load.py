@@ -14,7 +14,16 @@ episode success rate, and memory per open session (the tensors a session holds, 
 - ``none``: no cache, chunks batched;
 - ``step_cache``: the seed's defaults, each session deciding its own steps;
 - ``batch_mean``: the seed's defaults, one decision per batch from the mean cosine (upstream's rule);
-- ``none_unbatched``: no cache, one chunk at a time (what batching is compared against).
+- ``none_unbatched``: no cache, one chunk at a time (what batching is compared against);
+- ``fast`` / ``balanced``: those presets (planned schedules), admitted at once; ``fast_aligned`` /
+  ``balanced_aligned``: the same, chunks aligned at cohort boundaries (``--admission-wait-ms``).
+
+``--flat-cost-ms MS`` (in-process only) is a **simulation of a weight-bound accelerator**: every DiT
+call (denoising forward and prefill) runs the real model, then waits until MS ms have passed since it
+began, so a call costs the same for 2 rows or 128, as a forward of a 1-3B model batched on one GPU
+does. Calls whose real cost passed MS are counted (``flat_cost_overruns``); the simulation holds only
+where that count is 0. Every row also reports DiT calls per served chunk (denoising + prefill) and
+rows per call.
 
     .venv/bin/python benchmarks/serve_load.py --duration 8 --out sl  # --update-docs-figures: into docs/figures
 
@@ -58,7 +67,12 @@ MODES: dict[str, list[str]] = {
     "step_cache": [],
     "batch_mean": ["--decision", "batch_mean"],
     "none_unbatched": ["--no-cache", "--no-batching"],
+    "fast": ["--cache-config", "fast"],
+    "fast_aligned": ["--cache-config", "fast", "--admission-wait-ms", "{wait}"],
+    "balanced": ["--cache-config", "balanced"],
+    "balanced_aligned": ["--cache-config", "balanced", "--admission-wait-ms", "{wait}"],
 }
+DEFAULT_MODES = ("none", "step_cache", "batch_mean", "none_unbatched")
 
 
 @dataclass
@@ -71,9 +85,11 @@ class Load:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def start_server(mode: str, model: str, threads: int, max_sessions: int) -> tuple[subprocess.Popen, str]:
+def start_server(mode: str, model: str, threads: int, max_sessions: int,
+                 wait_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "stepcache", "serve", "--port", "0", "--model", model, "--threads", str(threads),
-               "--max-sessions", str(max_sessions), "--session-ttl", "3600", *MODES[mode]]
+               "--max-sessions", str(max_sessions), "--session-ttl", "3600",
+               *(arg.format(wait=wait_ms) for arg in MODES[mode])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
@@ -164,6 +180,7 @@ def robot_inprocess(index: int, omni: Any, start_at: float, stop_at: float, load
 
 def run_load_inprocess(omni: Any, robots: int, warmup: float, duration: float) -> dict[str, Any]:
     before = omni.engine.stats
+    overruns_before = getattr(omni, "flat_cost_overruns", [0])[0]
     rss_before = resident_bytes(os.getpid())
     load = Load()
     start_at = time.perf_counter() + warmup
@@ -179,21 +196,41 @@ def run_load_inprocess(omni: Any, robots: int, warmup: float, duration: float) -
     for thread in threads:
         thread.join()
     after = omni.engine.stats
-    return summarise(load, robots, duration, after.chunk_forwards - before.chunk_forwards,
-                     after.denoise_forwards - before.denoise_forwards, session_bytes,
-                     (rss_open - rss_before) / max(len(sessions), 1))
+    row = summarise(load, robots, duration, after.chunk_forwards - before.chunk_forwards,
+                    after.denoise_forwards - before.denoise_forwards, session_bytes,
+                    (rss_open - rss_before) / max(len(sessions), 1), _calls(before.to_dict(), after.to_dict()))
+    if hasattr(omni, "flat_cost_overruns"):
+        row["flat_cost_overruns"] = omni.flat_cost_overruns[0] - overruns_before
+    return row
+
+
+def _calls(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """DiT calls per served chunk (denoising + prefill) and rows per call, from the engine's counters
+    over the whole run (warm-up included)."""
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in
+             ("chunks", "denoise_forwards", "prefill_forwards", "denoise_rows", "prefill_rows")}
+    calls = delta["denoise_forwards"] + delta["prefill_forwards"]
+    return {
+        "dit_calls_per_chunk": calls / delta["chunks"] if delta["chunks"] else math.nan,
+        "rows_per_call": (delta["denoise_rows"] + delta["prefill_rows"]) / calls if calls else math.nan,
+        "rows_per_denoise_call": delta["denoise_rows"] / delta["denoise_forwards"] if delta["denoise_forwards"]
+        else math.nan,
+    }
 
 
 def summarise(load: Load, robots: int, duration: float, forward_chunks: int, forwards: int, session_bytes: float,
-              session_rss: float) -> dict[str, Any]:
+              session_rss: float, calls: dict[str, float] | None = None) -> dict[str, Any]:
     latencies = np.array([c[1] for c in load.chunks]) if load.chunks else np.array([math.nan])
+    queues = np.array([c[3] for c in load.chunks]) if load.chunks else np.array([math.nan])
     return {
         "robots": robots,
         "chunks": len(load.chunks),
         "chunks_per_s": len(load.chunks) / duration,
         "latency_p50_s": float(np.percentile(latencies, 50)),
         "latency_p99_s": float(np.percentile(latencies, 99)),
-        "queue_p50_s": float(np.median([c[3] for c in load.chunks])) if load.chunks else math.nan,
+        "queue_p50_s": float(np.percentile(queues, 50)),
+        "queue_p99_s": float(np.percentile(queues, 99)),
+        **(calls or {}),
         "dit_forwards_per_chunk": float(np.mean([c[2] for c in load.chunks])) if load.chunks else math.nan,
         "chunks_per_forward": forward_chunks / forwards if forwards else math.nan,
         "episodes": len(load.episodes),
@@ -225,17 +262,50 @@ def run_load(url: str, pid: int, robots: int, warmup: float, duration: float) ->
     sessions = max(health["sessions"], 1)
     return summarise(load, robots, duration, after["chunk_forwards"] - before["chunk_forwards"],
                      after["denoise_forwards"] - before["denoise_forwards"], health["session_bytes"] / sessions,
-                     (rss_open - rss_before) / sessions)
+                     (rss_open - rss_before) / sessions, _calls(before, after))
 
 
-def make_omni(mode: str, model: str, device: str | None) -> Any:
-    """The in-process equivalent of ``stepcache serve`` with ``MODES[mode]``."""
+def make_omni(mode: str, model: str, device: str | None, wait_ms: float = 0.0,
+              flat_cost_ms: float | None = None) -> Any:
+    """The in-process equivalent of ``stepcache serve`` with ``MODES[mode]`` (and the flat-cost
+    simulation when ``flat_cost_ms`` is given)."""
     from stepcache.omni import Omni
 
     engine = {"decision": "batch_mean" if mode == "batch_mean" else "per_session",
-              "batching": mode != "none_unbatched", "max_batch": 64}
+              "batching": mode != "none_unbatched", "max_batch": 64,
+              "admission_wait_s": wait_ms / 1000 if mode.endswith("_aligned") else 0.0}
     backend = None if mode.startswith("none") else "step_cache"
-    return Omni(model, cache_backend=backend, engine_config=engine, device=device)
+    preset = mode.removesuffix("_aligned") if mode.startswith(("fast", "balanced")) else None
+    omni = Omni(model, cache_backend=backend, cache_config=preset, engine_config=engine, device=device)
+    if flat_cost_ms is not None:
+        pad_to_flat_cost(omni, flat_cost_ms / 1000)
+    return omni
+
+
+def pad_to_flat_cost(omni: Any, cost_s: float) -> None:
+    """SIMULATION: make every DiT call of ``omni`` (forward and prefill) last ``cost_s``, whatever its
+    rows: the real call runs, then the calling thread sleeps for the rest. Overruns (a real call longer
+    than ``cost_s``) are counted in ``omni.flat_cost_overruns[0]``."""
+    import torch
+
+    model = omni.pipeline.transformer
+    omni.flat_cost_overruns = [0]
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    for name in ("forward", "prefill"):
+        original = getattr(model, name)
+
+        def padded(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = _original(*args, **kwargs)
+            sync()
+            left = cost_s - (time.perf_counter() - start)
+            if left > 0:
+                time.sleep(left)
+            else:
+                omni.flat_cost_overruns[0] += 1
+            return out
+
+        setattr(model, name, padded)
 
 
 def forward_cost(model: str, device: str | None, rows: tuple[int, ...] = (2, 8, 32, 128)) -> dict[str, float]:
@@ -349,7 +419,11 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path, device: str) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--robots", default="1,4,16,64", help="comma-separated N")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {list(MODES)}")
+    parser.add_argument("--admission-wait-ms", type=float, default=200.0, metavar="MS",
+                        help="the *_aligned modes' bounded admission wait (EngineConfig.admission_wait_s)")
+    parser.add_argument("--flat-cost-ms", type=float, default=None, metavar="MS",
+                        help="SIMULATION (inprocess only): every DiT call lasts MS ms whatever its rows")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per (mode, N)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the measurement starts")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
@@ -370,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or (robots and min(robots) < 1) or args.duration <= 0 or args.warmup < 0 or args.fidelity < 0:
         parser.error(f"bad --modes {unknown} / --robots / --duration / --warmup")
+    if args.flat_cost_ms is not None and (args.transport != "inprocess" or not args.flat_cost_ms > 0):
+        parser.error("--flat-cost-ms needs --transport inprocess (the simulation pads the in-process model) and "
+                     f"a number of milliseconds > 0, got {args.flat_cost_ms} with --transport {args.transport}")
+    if not args.admission_wait_ms >= 0:
+        parser.error(f"--admission-wait-ms must be >= 0, got {args.admission_wait_ms}")
     if args.out is not None:
         try:
             prepare_out_dir(args.out, update_docs_figures=args.update_docs_figures)
@@ -386,9 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in modes:
             if args.transport == "http":
-                servers[mode] = start_server(mode, args.model, args.threads, max(robots, default=0) + 8)
+                servers[mode] = start_server(mode, args.model, args.threads, max(robots, default=0) + 8,
+                                             args.admission_wait_ms)
             else:
-                omnis[mode] = make_omni(mode, args.model, args.device)
+                omnis[mode] = make_omni(mode, args.model, args.device, args.admission_wait_ms, args.flat_cost_ms)
         bar = progress_bar(total=len(robots) * len(modes), desc="serve_load", unit="rows",
                            enabled=show_progress(args), interval_s=0)  # rows last --warmup + --duration: a line each
         for n in robots:
@@ -403,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:>15} N={n:<3} {row['chunks_per_s']:6.2f} chunks/s"
                       f"  p50 {1000 * row['latency_p50_s']:7.1f} ms"
                       f"  p99 {1000 * row['latency_p99_s']:7.1f} ms  {row['dit_forwards_per_chunk']:5.2f} fwd/chunk"
-                      f"  {row['chunks_per_forward']:5.2f} chunks/fwd  success {row['success_rate']:.2f}"
+                      f"  {row['chunks_per_forward']:5.2f} chunks/fwd  {row['dit_calls_per_chunk']:5.2f} calls/chunk"
+                      f"  {row['rows_per_call']:5.1f} rows/call  queue p99 {1000 * row['queue_p99_s']:6.1f} ms"
+                      f"{'  overruns ' + str(row['flat_cost_overruns']) if row.get('flat_cost_overruns') else ''}"
+                      f"  success {row['success_rate']:.2f}"
                       f" ({row['episodes']} ep)  {row['session_tensor_bytes'] / 1024:.0f} KiB/session"
                       f"{'  ERRORS ' + str(row['errors']) if row['errors'] else ''}", flush=True)
                 bar.update()
@@ -422,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": f"{Path(sys.executable).name} {command_line()}", "transport": args.transport,
         "device": args.device or "cpu", "duration_s": args.duration, "warmup_s": args.warmup,
         "torch_threads": args.threads, "cpu_count": os.cpu_count(), "results": results,
+        "admission_wait_ms": args.admission_wait_ms,
+        "flat_cost_ms": args.flat_cost_ms,  # not None: a SIMULATION of a row-independent forward cost
     }
     if args.forward_cost:
         if args.transport == "inprocess" or not robots:
@@ -440,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {args.out / f'{args.name}.json'}")
         if robots:
-            plot(results, args.out / f"{args.name}.png", document["device"])
+            label = document["device"] if args.flat_cost_ms is None else (
+                f"SIMULATION: flat {args.flat_cost_ms:g} ms per DiT call")
+            plot(results, args.out / f"{args.name}.png", label)
             print(f"wrote {args.out / f'{args.name}.png'}")
     print(f"{elapsed:.0f} s")
     return 0

@@ -16,6 +16,7 @@ forwards late, like the per-input oracle does; see docs/benchmarks.md for how it
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -51,11 +52,17 @@ def plan_schedule(times: Sequence[float], forwards: int) -> tuple[int, ...]:
     """The ``forwards`` steps to compute (step 0 among them) that minimise the modelled reuse error
     over a generation whose step times are ``times`` (``N + 1`` values: every step's, then the end).
 
-    ``forwards >= N`` computes every step.
+    ``forwards >= N`` computes every step. A pure function of its arguments: kept for the last
+    generations' schedules (a server plans the same schedule for every chunk).
     """
-    n = len(times) - 1
     if isinstance(forwards, bool) or not isinstance(forwards, int) or forwards < 1:
         raise ValueError(f"forwards must be an integer >= 1, got {shown(forwards)}")
+    return _plan_schedule(tuple(float(t) for t in times), forwards)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_schedule(times: tuple[float, ...], forwards: int) -> tuple[int, ...]:
+    n = len(times) - 1
     if forwards >= n:
         return tuple(range(n))
     cost = window_costs(times)

@@ -431,6 +431,8 @@ class TraceSummary:
 
 
 def _check_history(prev_predictions: Sequence[Any]) -> None:
+    if type(prev_predictions) is list and all(type(entry) is tuple and entry for entry in prev_predictions[-2:]):
+        return  # the common case, without the abstract-class checks below (a decision's hot path)
     if isinstance(prev_predictions, torch.Tensor) or not isinstance(prev_predictions, Sequence):
         raise TypeError(
             f"the history must be a list of computed predictions (tuples whose [0] is the velocity), "
@@ -653,22 +655,10 @@ class StepCacheState(TraceSummary):
                 f"this generation had {self.generation_steps} steps and all of them have been decided; call reset() "
                 "(or open the next `with cache.generation(...)`) before the next generation"
             )
-        t = _as_time(timestep)
-        if t is None and self._schedule is not None:
-            t = self._schedule[step]
-        decision = decide(
-            self.config,
-            self.skip_countdown,
-            len(prev_predictions),
-            lambda: self._signals_of(prev_predictions).similarity,
-            step,
-            num_steps=self.generation_steps,
-            consecutive_skips=self.consecutive_skips,
-            accumulated_error=self.accumulated_error,
-            reuse_error=lambda: self._reuse_error(prev_predictions, step, t),
-            plan=self._plan,
-        )
-        decision = dataclasses.replace(decision, step=step, timestep=t)
+        t = self._time_of(step, timestep)
+        d = self._decide(step, t, len(prev_predictions), lambda: self._signals_of(prev_predictions))
+        decision = StepDecision(d.run, d.reason, d.skip_countdown, d.similarity, d.consecutive_skips,
+                                d.accumulated_error, d.estimated_error, step, t)  # dataclasses.replace: 10x slower
         if self.check_consistency:
             self._check_ranks_agree(
                 step, _DECISION,
@@ -677,6 +667,63 @@ class StepCacheState(TraceSummary):
                 prev_predictions,
             )
         return decision
+
+    def _time_of(self, step: int, timestep: Any) -> float | None:
+        t = _as_time(timestep)
+        if t is None and self._schedule is not None:
+            t = self._schedule[step]
+        return t
+
+    def _decide(self, step: int, t: float | None, history_length: int,
+                signals: Callable[[], VelocitySignals]) -> StepDecision:
+        """The rule at ``step`` with this state's counters; ``signals`` is called only where it reads them."""
+        return decide(
+            self.config,
+            self.skip_countdown,
+            history_length,
+            lambda: signals().similarity,
+            step,
+            num_steps=self.generation_steps,
+            consecutive_skips=self.consecutive_skips,
+            accumulated_error=self.accumulated_error,
+            reuse_error=lambda: reuse_error_estimate(signals().relative_change, *self._times(step, t))
+            * self._step_share(step, t),
+            plan=self._plan,
+        )
+
+    def _pending_pair(self, prev_predictions: Sequence[Sequence[Any]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The velocity pair whose signals the next decision reads and this state has not computed yet,
+        or None (it reads none, already has them, or the history or config is for :meth:`plan_step` to
+        refuse). Decides nothing and records nothing."""
+        if self.process_group is not None or self.check_consistency or len(prev_predictions) < 2:
+            return None
+        key = self._signals_key
+        if (self._signals is not None and key is not None and key[0] is prev_predictions[-1][0]
+                and key[1] is prev_predictions[-2][0]):
+            return None
+        try:
+            _check_history(prev_predictions)
+            step = len(self.trace)
+            if self.generation_steps is not None and step >= self.generation_steps:
+                return None
+            t = self._time_of(step, None)
+
+            def needed() -> VelocitySignals:
+                raise _SignalsNeeded
+
+            self._decide(step, t, len(prev_predictions), needed)
+        except _SignalsNeeded:
+            latest = _velocity_of_entry(prev_predictions[-1], "latest")
+            previous = _velocity_of_entry(prev_predictions[-2], "previous")
+            key = self._signals_key
+            if self._signals is not None and key is not None and key[0] is latest and key[1] is previous:
+                return None
+            if latest.shape != previous.shape or latest.dim() < 2:
+                return None
+            return latest, previous
+        except Exception:  # plan_step raises it, with its own message
+            return None
+        return None
 
     def commit_step(self, decision: StepDecision) -> None:
         """Record a decision from :meth:`plan_step` (once its forward, if any, has succeeded)."""
@@ -783,10 +830,6 @@ class StepCacheState(TraceSummary):
         if None in (timestep, t1, t2):
             return float(step), float(s1), float(s2)
         return timestep, t1, t2
-
-    def _reuse_error(self, prev_predictions: Sequence[Sequence[Any]], step: int, timestep: float | None) -> float:
-        change = self._signals_of(prev_predictions).relative_change
-        return reuse_error_estimate(change, *self._times(step, timestep)) * self._step_share(step, timestep)
 
     def _step_share(self, step: int, timestep: float | None) -> float:
         """The share of the whole path that step ``step`` integrates: its size over the span from the
@@ -897,3 +940,65 @@ class StepCacheState(TraceSummary):
 
     def __repr__(self) -> str:
         return f"StepCacheState(skip_countdown={self.skip_countdown}, steps={len(self.trace)}, config={self.config})"
+
+
+class _SignalsNeeded(Exception):
+    """Raised by the probe of :meth:`StepCacheState._pending_pair` where the rule reads the signals."""
+
+
+def prefetch_signals(states: Sequence[StepCacheState], histories: Sequence[Sequence[Sequence[Any]]]) -> int:
+    """Compute, in one reduction and one device-to-host copy, the velocity signals that the next
+    :meth:`~StepCacheState.plan_step` of each state will read, and leave them where it finds them.
+
+    Decisions are unchanged: each state's ``plan_step(history)`` still decides one by one, with the
+    same rule and the same signals (the per-sample sums of :func:`velocity_statistics`, taken over the
+    velocities of all states side by side, are those of each pair alone). States that read no signal
+    at their next step, already hold them, use a process group (their sums are reduced across ranks),
+    or whose history :meth:`~StepCacheState.plan_step` will refuse, are left alone. Returns the number
+    of states whose signals were computed.
+
+    Example:
+        >>> states = [StepCacheState(), StepCacheState()]
+        >>> histories = [[], []]
+        >>> prefetch_signals(states, histories)
+        0
+    """
+    if len(states) != len(histories):
+        raise ValueError(f"prefetch_signals needs one history per state, got {len(states)} states and "
+                         f"{len(histories)} histories")
+    pending: dict[tuple, list[tuple[StepCacheState, torch.Tensor, torch.Tensor]]] = {}
+    for state, history in zip(states, histories):
+        pair = state._pending_pair(history)
+        if pair is not None:
+            latest, previous = pair
+            key = (latest[0].numel(), latest.dtype, latest.device)
+            pending.setdefault(key, []).append((state, latest, previous))
+    if not pending:
+        return 0
+    sums = []
+    for members in pending.values():  # one reduction per layout (in serving: one)
+        latest = torch.cat([velocity.detach().flatten(1) for _, velocity, _ in members])
+        previous = torch.cat([velocity.detach().flatten(1) for _, _, velocity in members])
+        sums.append(velocity_statistics(latest, previous))
+    if len({part.device for part in sums}) == 1:  # the one device-to-host copy of the step
+        host = torch.cat(sums).cpu().split([part.shape[0] for part in sums])
+    else:
+        host = [part.cpu() for part in sums]
+    count = 0
+    for members, stats in zip(pending.values(), host):
+        start = 0
+        for state, latest, previous in members:
+            rows = latest.shape[0]
+            state._signals = signals_from_statistics(stats[start : start + rows])
+            state._signals_key = (latest, previous)
+            start += rows
+            count += 1
+    return count
+
+
+def plan_steps(states: Sequence[StepCacheState], histories: Sequence[Sequence[Sequence[Any]]]) -> list[StepDecision]:
+    """``[state.plan_step(history) for ...]`` for several generations at once: their signals in one
+    reduction (:func:`prefetch_signals`), the same decisions as one by one. Nothing is recorded (see
+    :meth:`StepCacheState.commit_step`); the first state whose ``plan_step`` raises stops the call."""
+    prefetch_signals(states, histories)
+    return [state.plan_step(history) for state, history in zip(states, histories)]

@@ -2,6 +2,8 @@
 
 - :mod:`.engine`: :class:`BatchingEngine`, which runs the chunks of many episodes (sessions) on one
   pipeline with one DiT forward per denoising step, each episode deciding its own steps;
+- :mod:`.lockstep`: :class:`LockstepEngine`, which runs each chunk at once in the calling thread (the
+  engine of a distributed ``Omni``: every rank admits the same chunks in the same order);
 - :mod:`.server`: the HTTP policy server behind ``stepcache serve`` (FastAPI + uvicorn, the ``serve``
   extra; imported only when used).
 
@@ -20,6 +22,7 @@ from stepcache.serving.engine import (
     EngineConfig,
     EngineStats,
 )
+from stepcache.serving.lockstep import LockstepEngine
 
 __all__ = [
     "BATCH_MEAN",
@@ -30,4 +33,5 @@ __all__ = [
     "EngineClosedError",
     "EngineConfig",
     "EngineStats",
+    "LockstepEngine",
 ]

@@ -55,12 +55,23 @@ class EngineConfig:
         batching: False serves one chunk at a time, first come first served (for comparison).
         idle_shutdown_s: the worker thread ends after this long without work (a new request starts
             it again).
+        admission_wait_s: align the chunks' steps: a chunk that arrives while others are in flight
+            waits, up to this many seconds, for the cohort boundary (no chunk in flight), and at the
+            boundary the next cohort starts once the chunks that just finished have come back (as many
+            new ones as finished: the closed-loop robots), or this many seconds after the boundary
+            (so a chunk waits at most twice this long). Set it to about one chunk's duration: a
+            shorter bound lets chunks join mid-cohort, out of step, and they stay so. Chunks that
+            start together are at the same step throughout, so with a schedule known in advance
+            (``static_run_steps``, the ``planned`` policy) they compute the same steps and a skipped
+            step is skipped by all of them: whole forwards disappear. 0 (default): admit at once,
+            between any two steps (continuous batching). See docs/serving.md.
     """
 
     decision: str = PER_SESSION
     max_batch: int = 64
     batching: bool = True
     idle_shutdown_s: float = 2.0
+    admission_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -72,6 +83,10 @@ class EngineConfig:
         if not (isinstance(self.idle_shutdown_s, (int, float)) and math.isfinite(self.idle_shutdown_s)
                 and self.idle_shutdown_s > 0):
             raise ValueError(f"EngineConfig.idle_shutdown_s must be a number > 0, got {self.idle_shutdown_s!r}")
+        if (isinstance(self.admission_wait_s, bool) or not isinstance(self.admission_wait_s, (int, float))
+                or not math.isfinite(self.admission_wait_s) or self.admission_wait_s < 0):
+            raise ValueError(f"EngineConfig.admission_wait_s must be a number of seconds >= 0 (0: no alignment), "
+                             f"got {self.admission_wait_s!r}")
 
     @classmethod
     def coerce(cls, value: Any) -> EngineConfig:
@@ -104,6 +119,8 @@ class EngineStats:
     prefill_forwards: int = 0
     chunk_forwards: int = 0  # sum over denoising forwards of the chunks in each
     chunk_steps: int = 0  # sum over engine steps of the chunks in flight
+    denoise_rows: int = 0  # DiT rows over all denoising forwards (2 per single-sample chunk with CFG)
+    prefill_rows: int = 0
 
     @property
     def chunks_per_forward(self) -> float:
@@ -173,6 +190,8 @@ class BatchingEngine:
         self._worker: threading.Thread | None = None
         self._closed = False
         self._holds = 0
+        self._finished_since_admission = 0  # chunks a closed-loop client may send again (alignment)
+        self._boundary_at = 0.0  # when the last chunk in flight finished (alignment)
         self._stats = EngineStats()
         # torch's intra-op thread count is per thread (OpenMP): a new thread would take every core, so the
         # worker takes the count of the thread that made the engine.
@@ -267,26 +286,49 @@ class BatchingEngine:
         """The requests to admit now (possibly none); None: no work left, the worker ends."""
         with self._cond:
             idle_since = time.monotonic()
-            while not self._groups and not (self._waiting and not self._holds):
-                if self._waiting:  # held: wait for the hold to end
-                    self._cond.wait()
-                    continue
-                if self._closed:
-                    self._worker = None
-                    return None
-                remaining = self.config.idle_shutdown_s - (time.monotonic() - idle_since)
-                if remaining <= 0:
-                    self._worker = None
-                    return None
-                self._cond.wait(remaining)
-            if self._holds:
-                return []
-            in_flight = sum(len(group.jobs) for group in self._groups)
-            # without batching, one chunk at a time
-            capacity = self.config.max_batch - in_flight if self.config.batching else int(not in_flight)
-            admitted = self._waiting[: max(capacity, 0)]
-            del self._waiting[: len(admitted)]
+            while True:
+                while not self._groups and not (self._waiting and not self._holds):
+                    if self._waiting:  # held: wait for the hold to end
+                        self._cond.wait()
+                        continue
+                    if self._closed:
+                        self._worker = None
+                        return None
+                    remaining = self.config.idle_shutdown_s - (time.monotonic() - idle_since)
+                    if remaining <= 0:
+                        self._worker = None
+                        return None
+                    self._cond.wait(remaining)
+                if self._holds:
+                    return []
+                in_flight = sum(len(group.jobs) for group in self._groups)
+                # without batching, one chunk at a time
+                capacity = self.config.max_batch - in_flight if self.config.batching else int(not in_flight)
+                admitted, wait_s = self._admissible(max(capacity, 0))
+                if wait_s is None:
+                    break
+                self._cond.wait(wait_s)  # at a cohort boundary, for the cohort to gather
+            chosen = set(map(id, admitted))
+            self._waiting = [request for request in self._waiting if id(request) not in chosen]
+            if admitted:
+                self._finished_since_admission = 0
             return admitted
+
+    def _admissible(self, capacity: int) -> tuple[list[ChunkRequest], float | None]:
+        """The waiting requests to admit now, and (at a cohort boundary, when the cohort is still
+        gathering) how long to wait before looking again; see ``EngineConfig.admission_wait_s``."""
+        wait_s = self.config.admission_wait_s
+        if not wait_s or not self.config.batching or self._closed:
+            return self._waiting[:capacity], None
+        now = time.perf_counter()
+        overdue = [request for request in self._waiting if now - request.submitted >= wait_s]
+        if self._groups:  # mid-cohort: only a chunk that waited its bound joins now (out of step)
+            return overdue[:capacity], None
+        returned = sum(request.submitted >= self._boundary_at for request in self._waiting)
+        gathered = returned >= self._finished_since_admission or len(self._waiting) >= capacity
+        if gathered or now - self._boundary_at >= wait_s:
+            return self._waiting[:capacity], None
+        return [], max(wait_s - (now - self._boundary_at), 1e-4)
 
     def _admit(self, requests: list[ChunkRequest]) -> None:
         now = time.perf_counter()
@@ -312,6 +354,7 @@ class BatchingEngine:
         failures = self.pipeline.prefill(jobs)
         with self._cond:
             self._stats.prefill_forwards += 1 + (len(jobs) if failures and len(jobs) > 1 else 0)
+            self._stats.prefill_rows += sum(job.rows for job in jobs)
         for job, error in failures.items():
             job.rollback()
             self._fail(job.request, error)  # type: ignore[attr-defined]
@@ -339,15 +382,20 @@ class BatchingEngine:
         groups = list(self._groups)
         before = {job: len(job.forward_batch_sizes) for group in groups for job in group.jobs}
         failures = self.pipeline.denoise_step(groups)
-        computed = sum(len(job.forward_batch_sizes) > count for job, count in before.items())
+        computing = [job for job, count in before.items() if len(job.forward_batch_sizes) > count]
+        computed = len(computing)
         finished = [group for group in groups if group.done and group not in failures]
         with self._cond:
+            self._finished_since_admission += sum(len(group.jobs) for group in (*failures, *finished))
             self._stats.steps += 1
             self._stats.chunk_steps += len(before)
             if computed:
                 self._stats.denoise_forwards += 1
                 self._stats.chunk_forwards += computed
+                self._stats.denoise_rows += sum(job.rows for job in computing)
             self._groups = [group for group in groups if group not in failures and group not in finished]
+            if not self._groups:
+                self._boundary_at = time.perf_counter()
         for group, error in failures.items():
             for job in group.jobs:
                 job.rollback()

@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per_session: each session decides its own steps; batch_mean: one decision per batch "
                              "from the mean cosine (upstream's rule, for comparison)")
     parser.add_argument("--no-batching", action="store_true", help="serve one chunk at a time (for comparison)")
+    parser.add_argument("--admission-wait-ms", type=float, default=0.0, metavar="MS",
+                        help="align chunks: a chunk waits up to MS for the cohort boundary (0: admit at once)")
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
     add_threads_argument(parser)
 
@@ -88,6 +90,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"stepcache serve needs the serve extra: pip install 'stepcache[serve]' ({error})") from None
     if args.no_cache and args.cache_config is not None:
         raise UsageError("argument --no-cache: not allowed with --cache-config")
+    if not (args.admission_wait_ms >= 0 and args.admission_wait_ms < float("inf")):
+        raise UsageError(f"argument --admission-wait-ms: must be a number of milliseconds >= 0, got "
+                         f"{args.admission_wait_ms}")
     args.cache_config = None if args.no_cache else checked_cache_config(args.cache_config)
     import torch
 
@@ -131,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
     sock = getattr(args, "socket", None) or bind_socket(args.host, args.port)
     set_torch_threads(args.threads)
-    engine = EngineConfig(decision=args.decision, max_batch=args.max_batch, batching=not args.no_batching)
+    engine = EngineConfig(decision=args.decision, max_batch=args.max_batch, batching=not args.no_batching,
+                          admission_wait_s=args.admission_wait_ms / 1000)
     backend = None if args.no_cache else "step_cache"
     try:
         omni = Omni(args.model, cache_backend=backend, cache_config=args.cache_config, engine_config=engine,

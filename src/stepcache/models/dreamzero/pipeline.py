@@ -29,13 +29,13 @@ batch-mean rule). The DiT runs in one place, :meth:`~DreamZeroPipeline.denoise_f
 the chunks whose step computes; caches of different lengths are padded and masked
 (:class:`~stepcache.models.dreamzero.model.StackedKVCache`). A chunk that fails rolls its episode back.
 
-**Scheduler replay.** Stepping a diffusers scheduler costs a few hundred microseconds of Python per
-call, as much as a third of a denoising forward of this small model. The UniPC update is linear in
-the starting noise and the velocities it is given, so the pipeline reads its coefficients off the
-diffusers scheduler once per schedule (stepping it on basis vectors, in float64, checked against a
-direct run) and replays each step as one small matrix product (``replay_schedulers=True``, the
-default). ``replay_schedulers=False`` calls ``scheduler.step`` every step, bit for bit the loop
-before the replay existed; the two agree to float32 rounding.
+**How steps are batched.** :meth:`~DreamZeroPipeline.denoise_step` does each part of a step once for
+every chunk in flight: the decision signals of all deciding chunks in one reduction
+(:func:`stepcache.state.prefetch_signals`), one DiT forward, one CFG combination, and one scheduler
+product per cohort of chunks that started together
+(:class:`~stepcache.integrations.scheduler_replay.ReplayCohort`: the UniPC update replayed from
+coefficients read off diffusers' scheduler; ``replay_schedulers=False`` steps the schedulers
+themselves, bit for bit the loop before the replay existed).
 
 **Several ranks.** ``DreamZeroPipeline(transformer, config, parallel=groups)`` runs the DiT through
 :class:`~stepcache.models.dreamzero.parallel.ParallelWorldActionDiT` (``torchrun``; sequence and/or CFG
@@ -67,7 +67,14 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from stepcache import StepCacheState, StepRecord, get_stepcache_state, is_stepcache_active
-from stepcache.integrations.schedulers import SkipAwareStepper
+from stepcache.integrations.scheduler_replay import (
+    DirectStepper,
+    ReplayCohort,
+    SchedulerNotLinearError,
+    SchedulerReplay,
+    instance_vars,
+    set_instance_vars,
+)
 from stepcache.models.dreamzero.model import CausalWorldActionDiT, KVCache
 from stepcache.models.dreamzero.parallel import (
     FAILED_AFTER_COLLECTIVES,
@@ -80,7 +87,7 @@ from stepcache.models.dreamzero.parallel import (
     ranks_agree,
 )
 from stepcache.models.dreamzero.world import instruction_index
-from stepcache.state import reduce_statistics, signals_from_statistics, velocity_statistics
+from stepcache.state import prefetch_signals, reduce_statistics, signals_from_statistics, velocity_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +168,21 @@ class StepSchedule:
     action_sigmas: torch.Tensor
     action_timesteps: torch.Tensor
 
+    @property
+    def video_timestep_values(self) -> list[float]:
+        """The video timesteps as Python floats (the forward's rows are built on the host)."""
+        return self._values("video_timesteps")
+
+    @property
+    def action_timestep_values(self) -> list[float]:
+        return self._values("action_timesteps")
+
+    def _values(self, name: str) -> list[float]:
+        cache = self.__dict__.setdefault("_value_lists", {})  # frozen: cached beside the fields
+        if name not in cache:
+            cache[name] = getattr(self, name).tolist()
+        return cache[name]
+
 
 # The range the bundled models were trained on: grey frames in [0, 1], states in the unit-square arena.
 INPUT_RANGE = (0.0, 1.0)
@@ -237,194 +259,12 @@ class EpisodeContext:
 
 def _state_snapshot(state: StepCacheState | None) -> dict[str, Any] | None:
     # The decision state is plain attributes; lists are copied so that the chunk's appends stay out.
-    return None if state is None else _instance_vars(state)
+    return None if state is None else instance_vars(state)
 
 
 def _state_restore(state: StepCacheState | None, snapshot: dict[str, Any] | None) -> None:
     if state is not None and snapshot is not None:
-        _set_instance_vars(state, snapshot)
-
-
-# -- scheduler stepping ------------------------------------------------------------------------------
-
-
-class SchedulerNotLinearError(RuntimeError):
-    """The scheduler's update is not a fixed linear map of its inputs: it cannot be replayed."""
-
-
-def _copy_lists(values: dict[str, Any]) -> dict[str, Any]:
-    # A scheduler's step replaces its tensors but edits its lists (model outputs, timesteps) in place.
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in values.items()}
-
-
-def _instance_vars(obj: Any) -> dict[str, Any]:
-    return _copy_lists(vars(obj))
-
-
-def _set_instance_vars(obj: Any, values: dict[str, Any]) -> None:
-    vars(obj).clear()
-    vars(obj).update(_copy_lists(values))
-
-
-class _SchedulerReplay:
-    """A diffusers scheduler's update, read off as coefficients and replayed as one product per step.
-
-    For UniPC on flow predictions (any scheduler whose update is linear in its sample and model
-    outputs), after step ``i`` the sample is ``x_{i+1} = sum_j c_ij b_j`` over
-    ``b = (x_0, v_0, ..., v_i)``, ``v_j`` being the velocity given at step ``j``. Stepping the scheduler
-    itself, in float64, from ``x_0 = e_0`` with ``v_j = e_{j+1}`` makes its ``prev_sample`` the row
-    ``c_i``: the maths stays diffusers'. With solver-aware stepping the rows also depend on which steps
-    were computed, so they are read off per prefix of that pattern (each once, then kept). The
-    construction checks the replay against the scheduler on random inputs.
-
-    Args:
-        make_scheduler: returns a fresh scheduler, its timesteps (and sigmas) set.
-        solver_aware: step through :class:`SkipAwareStepper` (computed flags matter).
-    """
-
-    MAX_NODES = 4096  # prefixes kept (a solver-aware table grows with the patterns seen)
-
-    def __init__(self, make_scheduler: Callable[[], Any], solver_aware: bool) -> None:
-        self._make = make_scheduler
-        self.solver_aware = solver_aware
-        self._probe = make_scheduler()
-        self.num_steps = len(self._probe.timesteps)
-        self._stepper = SkipAwareStepper(self._probe) if solver_aware else None
-        root = torch.zeros(1, self.num_steps + 1, dtype=torch.float64)
-        root[0, 0] = 1.0
-        self._root = (self._snapshot(), root)
-        self._nodes: dict[Any, tuple[Any, torch.Tensor, dict[torch.device, torch.Tensor]]] = {}
-        self._lock = threading.Lock()
-        self._check()
-
-    def row(self, flags: Sequence[bool], device: torch.device) -> torch.Tensor:
-        """Coefficients ``(len(flags) + 1,)`` (float32) of the sample after step ``len(flags) - 1``
-        over ``(x_0, v_0, ...)``; ``flags[j]``: step ``j`` computed."""
-        key = tuple(flags) if self.solver_aware else len(flags)
-        node = self._nodes.get(key)
-        if node is None:
-            with self._lock:
-                node = self._node(tuple(flags) if self.solver_aware else (True,) * len(flags))
-        rows = node[2]
-        row = rows.get(device)
-        if row is None:
-            row = rows[device] = node[1][0, : len(flags) + 1].to(device, torch.float32)
-        return row
-
-    def _node(self, flags: tuple[bool, ...]) -> tuple[Any, torch.Tensor, dict[torch.device, torch.Tensor]]:
-        key = flags if self.solver_aware else len(flags)
-        node = self._nodes.get(key)
-        if node is not None:
-            return node
-        if not flags or len(flags) > self.num_steps:
-            raise ValueError(f"a generation of {self.num_steps} steps has no step {len(flags) - 1}")
-        parent_state, parent_sample = self._root if len(flags) == 1 else self._node(flags[:-1])[:2]
-        self._restore(parent_state)
-        index = len(flags) - 1
-        basis = torch.zeros_like(parent_sample)
-        basis[0, index + 1] = 1.0
-        timestep = self._probe.timesteps[index]
-        if self._stepper is not None:
-            sample = self._stepper.step(basis, timestep, parent_sample, computed=flags[-1]).prev_sample
-        else:
-            sample = self._probe.step(basis, timestep, parent_sample).prev_sample
-        if len(self._nodes) >= self.MAX_NODES:
-            self._nodes.clear()
-        node = (self._snapshot(), sample, {})
-        self._nodes[key] = node
-        return node
-
-    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        return _instance_vars(self._probe), None if self._stepper is None else _instance_vars(self._stepper)
-
-    def _restore(self, snapshot: tuple[dict[str, Any], dict[str, Any] | None]) -> None:
-        probe_vars, stepper_vars = snapshot
-        _set_instance_vars(self._probe, probe_vars)
-        if stepper_vars is not None:
-            _set_instance_vars(self._stepper, stepper_vars)
-
-    def _check(self) -> None:
-        """Replay against the scheduler itself on random inputs (every step computed; for solver-aware
-        stepping also a pattern with skips)."""
-        patterns = [(True,) * self.num_steps]
-        if self.solver_aware and self.num_steps > 2:
-            patterns.append(tuple(i < 2 or i % 3 == 0 for i in range(self.num_steps)))
-        generator = torch.Generator().manual_seed(0)
-        for flags in patterns:
-            scheduler = self._make()
-            stepper = SkipAwareStepper(scheduler) if self.solver_aware else None
-            sample = torch.randn(2, 8, generator=generator)
-            inputs = [sample]
-            for index, computed in enumerate(flags):
-                velocity = torch.randn(2, 8, generator=generator)
-                inputs.append(velocity)
-                timestep = scheduler.timesteps[index]
-                if stepper is not None:
-                    sample = stepper.step(velocity, timestep, sample, computed=computed).prev_sample
-                else:
-                    sample = scheduler.step(velocity, timestep, sample).prev_sample
-                with self._lock:
-                    row = self._node(flags[: index + 1])[1][0, : index + 2]
-                replayed = torch.tensordot(row, torch.stack(inputs).double(), dims=1)
-                error = float((replayed - sample.double()).abs().max())
-                if not error <= 1e-4 * max(1.0, float(sample.abs().max())):
-                    raise SchedulerNotLinearError(
-                        f"{type(scheduler).__name__}: the replayed step {index} differs from the scheduler's by "
-                        f"{error:.3g}"
-                    )
-
-
-class _ReplayStepper:
-    """Steps one chunk's video and actions by replaying :class:`_SchedulerReplay` rows: it keeps the
-    starting noise and every velocity given so far, and each step is one product with them."""
-
-    def __init__(self, video: torch.Tensor, actions: torch.Tensor, video_replay: _SchedulerReplay,
-                 action_replay: _SchedulerReplay) -> None:
-        steps = video_replay.num_steps
-        self.video_shape, self.action_shape = video.shape, actions.shape
-        self.video_replay, self.action_replay = video_replay, action_replay
-        self.video_inputs = video.new_empty(steps + 1, video.numel())
-        self.action_inputs = actions.new_empty(steps + 1, actions.numel())
-        self.video_inputs[0] = video.reshape(-1)
-        self.action_inputs[0] = actions.reshape(-1)
-        self.flags: list[bool] = []
-
-    def step(self, video: torch.Tensor, actions: torch.Tensor, video_velocity: torch.Tensor,
-             action_velocity: torch.Tensor, computed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        index = len(self.flags)
-        self.flags.append(computed)
-        self.video_inputs[index + 1] = video_velocity.reshape(-1)
-        self.action_inputs[index + 1] = action_velocity.reshape(-1)
-        device = self.video_inputs.device
-        video_row = self.video_replay.row(self.flags, device)
-        same = self.action_replay is self.video_replay  # one table when the sigmas coincide (not decoupled)
-        action_row = video_row if same else self.action_replay.row(self.flags, device)
-        video = (video_row @ self.video_inputs[: index + 2]).view(self.video_shape)
-        actions = (action_row @ self.action_inputs[: index + 2]).view(self.action_shape)
-        return video, actions
-
-
-class _DirectStepper:
-    """Steps one chunk's video and actions with two diffusers schedulers of its own, every step."""
-
-    def __init__(self, video_scheduler: Any, action_scheduler: Any, solver_aware: bool) -> None:
-        self.video_scheduler, self.action_scheduler = video_scheduler, action_scheduler
-        self.video_stepper = SkipAwareStepper(video_scheduler) if solver_aware else None
-        self.action_stepper = SkipAwareStepper(action_scheduler) if solver_aware else None
-        self.index = 0
-
-    def step(self, video: torch.Tensor, actions: torch.Tensor, video_velocity: torch.Tensor,
-             action_velocity: torch.Tensor, computed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        t_video = self.video_scheduler.timesteps[self.index]
-        t_action = self.action_scheduler.timesteps[self.index]
-        self.index += 1
-        if self.video_stepper is not None:
-            video = self.video_stepper.step(video_velocity, t_video, video, computed=computed).prev_sample
-            actions = self.action_stepper.step(action_velocity, t_action, actions, computed=computed).prev_sample
-        else:
-            video = self.video_scheduler.step(video_velocity, t_video, video).prev_sample
-            actions = self.action_scheduler.step(action_velocity, t_action, actions).prev_sample
-        return video, actions
+        set_instance_vars(state, snapshot)
 
 
 def _make_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
@@ -471,7 +311,8 @@ class ChunkJob:
         self.schedule: StepSchedule
         self.video: torch.Tensor
         self.actions: torch.Tensor
-        self.stepper: _ReplayStepper | _DirectStepper
+        self.stepper: ReplayCohort | DirectStepper
+        self.member = 0  # this chunk's place in its stepper's cohort
         self.action_scale = 1.0
         # progress
         self.step = 0
@@ -484,14 +325,12 @@ class ChunkJob:
     def done(self) -> bool:
         return self.step >= self.steps
 
-    def advance(self, video_velocity: torch.Tensor, action_velocity: torch.Tensor, computed: bool) -> None:
-        """Step the schedulers with this step's velocities (computed or reused)."""
+    def record_step(self, video: torch.Tensor, actions: torch.Tensor, video_velocity: torch.Tensor,
+                    action_velocity: torch.Tensor, computed: bool) -> None:
+        """Take the samples its stepper computed from this step's velocities (computed or reused)."""
         index = self.step
-        if index == self.steps - 1:
-            self.video_x0 = self.video - self.schedule.video_sigmas[index] * video_velocity
         self.computed.append(video_velocity if computed else None)
-        self.video, self.actions = self.stepper.step(self.video, self.actions, video_velocity, action_velocity,
-                                                     computed)
+        self.video, self.actions = video, actions
         self.step += 1
         if self.step == self.steps:
             self.finished = time.perf_counter()
@@ -618,33 +457,23 @@ class DecisionGroup:
         return self._decision.run
 
     def advance(self, run: bool, outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
-                guidance_scale: float, batch_size: int) -> None:
-        """Record the decision, take the velocities (the forward's ``outputs`` per chunk, or the reused
-        ones) and step every chunk's schedulers."""
+                batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Record the decision and return each chunk's velocities for this step: the forward's
+        ``outputs`` (guided video, conditional action; fresh tensors) or the reused ones."""
         state = self.cache_state
         if state is not None:
             state.commit_step(self._decision)
         if run:
             assert outputs is not None
-            velocities = []
-            for job, (raw_video, raw_action) in zip(self.jobs, outputs):
-                # Outputs may live in buffers a compiled model reuses; keep our own copy while caching.
-                if state is not None:
-                    raw_video, raw_action = raw_video.clone(), raw_action.clone()
-                if job.branches == 2:
-                    cond, uncond = raw_video[: job.batch], raw_video[job.batch :]
-                    video_velocity = uncond + guidance_scale * (cond - uncond)
-                else:
-                    video_velocity = raw_video
-                velocities.append((video_velocity, raw_action[: job.batch]))  # actions: the conditional branch
+            velocities = list(outputs)
+            for job in self.jobs:
                 job.forward_batch_sizes.append(batch_size)
             if state is not None:
                 state.push_computed(self.history, _join(velocities))
         else:
             velocities = _split(state.reused_prediction(self.history), [job.batch for job in self.jobs])
-        for job, (video_velocity, action_velocity) in zip(self.jobs, velocities):
-            job.advance(video_velocity, action_velocity, run)
         self.step += 1
+        return velocities
 
 
 def _read_before_each_step(at_later_step: list[float | None]) -> list[float | None]:
@@ -760,7 +589,7 @@ class DreamZeroPipeline:
         self.video_scheduler = _make_scheduler(self.config.flow_shift)
         self.action_scheduler = _make_scheduler(self.config.flow_shift)
         self.context = EpisodeContext()
-        self._replays: dict[tuple[int, str, bool], _SchedulerReplay | None] = {}
+        self._replays: dict[tuple[int, str, bool], SchedulerReplay | None] = {}
         self._schedules: dict[int, StepSchedule] = {}
         self._tables_lock = threading.Lock()
 
@@ -848,28 +677,78 @@ class DreamZeroPipeline:
             self._schedules[num_steps] = schedule
         return schedule
 
-    def _replay(self, num_steps: int, stream: str, solver_aware: bool) -> _SchedulerReplay | None:
+    def _replay(self, num_steps: int, stream: str, solver_aware: bool) -> SchedulerReplay | None:
         if stream == "action" and not self.config.decoupled_video_noise:
             stream = "video"  # the same sigmas: one table serves both
         key = (num_steps, stream, solver_aware)
         with self._tables_lock:
             if key not in self._replays:
                 try:
-                    self._replays[key] = _SchedulerReplay(
+                    self._replays[key] = SchedulerReplay(
                         lambda: self._configured_scheduler(num_steps, video=stream == "video"), solver_aware)
                 except SchedulerNotLinearError as error:
                     logger.warning("scheduler replay off (%s): stepping the scheduler itself", error)
                     self._replays[key] = None
             return self._replays[key]
 
-    def _stepper(self, job: ChunkJob, solver_aware: bool) -> _ReplayStepper | _DirectStepper:
-        if self.config.replay_schedulers:
-            video_replay = self._replay(job.steps, "video", solver_aware)
-            action_replay = self._replay(job.steps, "action", solver_aware)
-            if video_replay is not None and action_replay is not None:
-                return _ReplayStepper(job.video, job.actions, video_replay, action_replay)
-        return _DirectStepper(self._configured_scheduler(job.steps, video=True),
-                              self._configured_scheduler(job.steps, video=False), solver_aware)
+    def _assign_steppers(self, jobs: Sequence[ChunkJob]) -> None:
+        """Give the chunks that start together their scheduler stepping: one :class:`ReplayCohort` per
+        set of chunks with the same steps, shapes and stepping (one product per step for all of them),
+        or a :class:`DirectStepper` each when the replay is off or unavailable."""
+        cohorts: dict[tuple, list[ChunkJob]] = {}
+        for job in jobs:
+            solver_aware = job.cache_state is not None and job.cache_state.config.solver_aware
+            key = (job.steps, solver_aware, tuple(job.video.shape), tuple(job.actions.shape), job.video.device,
+                   job.video.dtype)
+            cohorts.setdefault(key, []).append(job)
+        for (steps, solver_aware, *_), members in cohorts.items():
+            if self.config.replay_schedulers:
+                video_replay = self._replay(steps, "video", solver_aware)
+                action_replay = self._replay(steps, "action", solver_aware)
+                if video_replay is not None and action_replay is not None:
+                    videos, actions = _stack([job.video for job in members]), _stack([job.actions for job in members])
+                    cohort = ReplayCohort(videos, actions, video_replay, action_replay)
+                    for index, job in enumerate(members):
+                        job.stepper, job.member = cohort, index
+                    continue
+            for job in members:
+                job.stepper = DirectStepper(self._configured_scheduler(steps, video=True),
+                                            self._configured_scheduler(steps, video=False), solver_aware)
+
+    def _step_schedulers(self, steps: Sequence[tuple[ChunkJob, torch.Tensor, torch.Tensor, bool]]
+                         ) -> dict[ChunkJob, Exception]:
+        """Step every chunk's schedulers with its velocities ``(job, video, action, computed)``: one call
+        per cohort (stacked velocities in, stacked samples out). Returns the chunks that failed."""
+        by_stepper: dict[int, list[tuple[ChunkJob, torch.Tensor, torch.Tensor, bool]]] = {}
+        for item in steps:
+            by_stepper.setdefault(id(item[0].stepper), []).append(item)
+        failures: dict[ChunkJob, Exception] = {}
+        for items in by_stepper.values():
+            jobs = [item[0] for item in items]
+            first = jobs[0]
+            computed = [item[3] for item in items]
+            try:
+                video_velocities = _stack([item[1] for item in items])
+                action_velocities = _stack([item[2] for item in items])
+                last = first.step == first.steps - 1
+                direct = isinstance(first.stepper, DirectStepper)
+                videos = _stack([job.video for job in jobs]) if direct or last else None
+                actions = _stack([job.actions for job in jobs]) if direct else None
+                if last:  # the video's x0 estimate at the last step (what decoupled noise serves)
+                    video_x0 = videos - first.schedule.video_sigmas[first.step] * video_velocities
+                new_videos, new_actions = first.stepper.step([job.member for job in jobs], videos, actions,
+                                                             video_velocities, action_velocities, computed)
+            except Exception as error:
+                failures.update(dict.fromkeys(jobs, error))
+                continue
+            for index, (job, video_velocity, action_velocity, run) in enumerate(items):
+                try:
+                    if last:
+                        job.video_x0 = video_x0[index]
+                    job.record_step(new_videos[index], new_actions[index], video_velocity, action_velocity, run)
+                except Exception as error:
+                    failures[job] = error
+        return failures
 
     # -- chunks ---------------------------------------------------------------------------------
 
@@ -1031,6 +910,7 @@ class DreamZeroPipeline:
             except Exception as error:
                 job.context.kv_cache.restore(job._kv_before_prefill)
                 failures[job] = error
+        self._assign_steppers([job for job in jobs if job not in failures])
         return failures
 
     def prefill_forward(self, jobs: Sequence[ChunkJob]) -> None:
@@ -1053,15 +933,17 @@ class DreamZeroPipeline:
             video = self.dit.shard_video(video)
         device = self.device
         job.video, job.actions = video.to(device), actions.to(device)
-        solver_aware = job.cache_state is not None and job.cache_state.config.solver_aware
-        job.stepper = self._stepper(job, solver_aware)
 
     @torch.no_grad()
     def denoise_step(self, groups: Sequence[DecisionGroup]) -> dict[DecisionGroup, Exception]:
-        """One denoising step of every group: each decides, one DiT forward runs on the rows of the
-        groups that compute, every chunk's schedulers step. Returns the groups that failed, with their
-        error (a failed batched forward is retried group by group to find them)."""
+        """One denoising step of every group: every group decides (the signals of all that need them in
+        one reduction and one device-to-host copy), one DiT forward runs on the rows of the groups that
+        compute (CFG combined for all of them in one operation), and every cohort of chunks steps its
+        schedulers in one product. Returns the groups that failed, with their error (a failed batched
+        forward is retried group by group to find them)."""
         failures: dict[DecisionGroup, Exception] = {}
+        deciding = [group for group in groups if group.cache_state is not None]
+        prefetch_signals([group.cache_state for group in deciding], [group.history for group in deciding])
         plans: list[tuple[DecisionGroup, bool]] = []
         for group in groups:
             try:
@@ -1083,13 +965,18 @@ class DreamZeroPipeline:
                             outputs.update(self._forward_groups([group]))
                         except Exception as single_error:
                             failures[group] = single_error
+        steps: list[tuple[ChunkJob, torch.Tensor, torch.Tensor, bool]] = []
         for group, run in plans:
             if group in failures:
                 continue
             try:
-                group.advance(run, outputs.get(group), self.config.guidance_scale, batch_size)
+                velocities = group.advance(run, outputs.get(group), batch_size)
             except Exception as error:
                 failures[group] = error
+                continue
+            steps.extend((job, video, action, run) for job, (video, action) in zip(group.jobs, velocities))
+        for job, error in self._step_schedulers(steps).items():
+            failures.setdefault(job.group, error)
         return failures
 
     def _forward_groups(
@@ -1101,33 +988,74 @@ class DreamZeroPipeline:
 
     def denoise_forward(self, jobs: Sequence[ChunkJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The one place where the DiT denoises: one forward over the rows of ``jobs``, each at its own
-        step; returns each job's raw (video, action) velocities, rows ``[cond; uncond]`` (on several
-        ranks: the guided video velocity, this rank's shard, and the conditional action velocity)."""
+        step; returns each job's guided video velocity and conditional action velocity (fresh tensors;
+        on several ranks, this rank's shard of the video one), the CFG combination done once for all."""
+        uniform = len({(job.batch, job.branches) for job in jobs}) == 1
         if self.dit is not None:
             batches = [job.batch for job in jobs]
             video = _cat([job.video for job in jobs])
-            t_video = _cat([job.schedule.video_timesteps[job.step].expand(job.batch) for job in jobs])
-            t_action = _cat([job.schedule.action_timesteps[job.step].expand(job.batch) for job in jobs])
+            t_video, t_action = self._timestep_rows(jobs, [job.batch for job in jobs], video.device)
             cache = KVCache.stack([job.context.kv_cache for job in jobs], [job.rows for job in jobs])
             out = self.dit(video, _cat([job.actions for job in jobs]), _cat([job.model_state for job in jobs]),
-                           t_video.to(video.device), t_action.to(video.device),
-                           _cat([job.instructions for job in jobs]), cache, batches=batches)
-            if len(jobs) == 1:
-                return [(out.video, out.action)]
-            return list(zip(out.video.split(batches), out.action.split(batches)))
-        video = _cat([job.video.repeat(job.branches, 1, 1, 1) for job in jobs])
-        actions = _cat([job.actions.repeat(job.branches, 1, 1) for job in jobs])
+                           t_video, t_action, _cat([job.instructions for job in jobs]), cache, batches=batches)
+            return self._guided(jobs, out.video, out.action, uniform, branches_in_output=1)
+        if uniform:  # every chunk's rows [cond; uncond] from one stack: (J, branches, B, ...)
+            first = jobs[0]
+            video = _stack([job.video for job in jobs]).unsqueeze(1)
+            video = video.expand(-1, first.branches, *video.shape[2:]).reshape(-1, *video.shape[3:])
+            actions = _stack([job.actions for job in jobs]).unsqueeze(1)
+            actions = actions.expand(-1, first.branches, *actions.shape[2:]).reshape(-1, *actions.shape[3:])
+        else:
+            video = _cat([job.video.repeat(job.branches, 1, 1, 1) for job in jobs])
+            actions = _cat([job.actions.repeat(job.branches, 1, 1) for job in jobs])
         state = _cat([job.model_state for job in jobs])
-        t_video = _cat([job.schedule.video_timesteps[job.step].expand(job.rows) for job in jobs])
-        t_action = _cat([job.schedule.action_timesteps[job.step].expand(job.rows) for job in jobs])
+        t_video, t_action = self._timestep_rows(jobs, [job.rows for job in jobs], video.device)
         instructions = _cat([job.instructions for job in jobs])
         cache = KVCache.stack([job.context.kv_cache for job in jobs], [job.rows for job in jobs])
-        out = self.transformer(video, actions, state, t_video.to(video.device), t_action.to(video.device),
-                               instructions, cache)
-        if len(jobs) == 1:
-            return [(out.video, out.action)]
-        rows = [job.rows for job in jobs]
-        return list(zip(out.video.split(rows), out.action.split(rows)))
+        out = self.transformer(video, actions, state, t_video, t_action, instructions, cache)
+        return self._guided(jobs, out.video, out.action, uniform, branches_in_output=None)
+
+    @staticmethod
+    def _timestep_rows(jobs: Sequence[ChunkJob], rows: Sequence[int], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's video and action timestep (every chunk at its own step), built on the host."""
+        video = [job.schedule.video_timestep_values[job.step] for job, count in zip(jobs, rows) for _ in range(count)]
+        action = [job.schedule.action_timestep_values[job.step] for job, count in zip(jobs, rows)
+                  for _ in range(count)]
+        return (torch.tensor(video, dtype=torch.float32).to(device),
+                torch.tensor(action, dtype=torch.float32).to(device))
+
+    def _guided(self, jobs: Sequence[ChunkJob], video: torch.Tensor, action: torch.Tensor, uniform: bool,
+                branches_in_output: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Split a forward's output per job: ``uncond + guidance_scale * (cond - uncond)`` for the video
+        of jobs with two branches, the conditional rows for the action. Copies are made (a compiled
+        model may reuse its output buffers, and the cache keeps velocities). When every job has the
+        same layout, this is one operation for all jobs."""
+        scale = self.config.guidance_scale
+        if uniform:
+            count, batch = len(jobs), jobs[0].batch
+            branches = jobs[0].branches if branches_in_output is None else branches_in_output
+            video = video.view(count, branches, batch, *video.shape[1:])
+            action = action.view(count, branches, batch, *action.shape[1:])
+            if branches == 2:
+                cond, uncond = video[:, 0], video[:, 1]
+                guided = uncond + scale * (cond - uncond)
+            else:
+                guided = video[:, 0].clone()
+            return list(zip(guided.unbind(0), action[:, 0].clone().unbind(0)))
+        out = []
+        start = 0
+        for job in jobs:
+            rows = job.batch * (job.branches if branches_in_output is None else branches_in_output)
+            raw_video, raw_action = video[start : start + rows], action[start : start + rows]
+            start += rows
+            if rows == 2 * job.batch:
+                cond, uncond = raw_video[: job.batch], raw_video[job.batch :]
+                guided = uncond + scale * (cond - uncond)
+            else:
+                guided = raw_video.clone()
+            out.append((guided, raw_action[: job.batch].clone()))
+        return out
 
     # -- one chunk of the pipeline's own episode ------------------------------------------------
 
@@ -1219,3 +1147,7 @@ class DreamZeroPipeline:
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
