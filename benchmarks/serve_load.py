@@ -2,7 +2,7 @@
 
 One server process per serving mode (``python -m stepcache serve`` on a free loopback port) is started
 first; then, for every N and every mode in turn (interleaved, so that a change of load on a shared
-machine hits every mode alike), N robot threads each open a session and drive ``ReachingWorld``
+machine hits every mode alike), N robot threads each open a session and drive the served model's world
 episodes closed loop (observe, POST the observation, execute the returned actions) until the time is
 up. Only chunks that complete inside the measured window (after a warm-up) count.
 
@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from stepcache.tools.benchmark.closed_loop import wilson_interval
 from stepcache.tools.common import (
     UsageError,
     add_progress_argument,
@@ -117,10 +118,8 @@ def resident_bytes(pid: int) -> int:
     return 0
 
 
-def robot(index: int, url: str, start_at: float, stop_at: float, load: Load) -> None:
-    """One robot: a session, episodes closed loop until ``stop_at``."""
-    from stepcache.models.dreamzero.world import ReachingWorld
-
+def robot(index: int, url: str, start_at: float, stop_at: float, load: Load, world_config: Any) -> None:
+    """One robot: a session, episodes of the served model's world closed loop until ``stop_at``."""
     with httpx.Client(base_url=url, timeout=600) as client:
         session = client.post("/sessions", json={"seed": index}).json()["session_id"]
         episode = 0
@@ -128,7 +127,7 @@ def robot(index: int, url: str, start_at: float, stop_at: float, load: Load) -> 
             while time.perf_counter() < stop_at:
                 seed = 10_000 * (index + 1) + episode
                 client.post(f"/sessions/{session}/reset", json={"seed": seed}).raise_for_status()
-                world = ReachingWorld()
+                world = world_config.make_world()
                 frame, state = world.reset(seed)
                 while not world.done and time.perf_counter() < stop_at:
                     body = {"frame": frame.tolist(), "instruction": world.instruction, "state": state.tolist()}
@@ -155,14 +154,12 @@ def robot(index: int, url: str, start_at: float, stop_at: float, load: Load) -> 
 
 def robot_inprocess(index: int, omni: Any, start_at: float, stop_at: float, load: Load) -> None:
     """One robot on an in-process ``Omni``: a session, episodes closed loop until ``stop_at``."""
-    from stepcache.models.dreamzero.world import ReachingWorld
-
     with omni.open_session(seed=index) as session:
         episode = 0
         while time.perf_counter() < stop_at:
             seed = 10_000 * (index + 1) + episode
             session.start_episode(seed)
-            world = ReachingWorld()
+            world = omni.world_config.make_world()
             frame, state = world.reset(seed)
             while not world.done and time.perf_counter() < stop_at:
                 sent = time.perf_counter()
@@ -235,20 +232,23 @@ def summarise(load: Load, robots: int, duration: float, forward_chunks: int, for
         "chunks_per_forward": forward_chunks / forwards if forwards else math.nan,
         "episodes": len(load.episodes),
         "success_rate": float(np.mean([e[1] for e in load.episodes])) if load.episodes else math.nan,
+        # the 95% Wilson interval of the success rate (over the episodes completed in the window)
+        "success_interval": list(wilson_interval(sum(e[1] for e in load.episodes), len(load.episodes)))
+        if load.episodes else [math.nan, math.nan],
         "session_tensor_bytes": session_bytes,
         "session_rss_bytes": session_rss,
         "errors": load.errors[:5],
     }
 
 
-def run_load(url: str, pid: int, robots: int, warmup: float, duration: float) -> dict[str, Any]:
+def run_load(url: str, pid: int, robots: int, warmup: float, duration: float, world_config: Any) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=60) as client:
         before = client.get("/health").json()["engine"]
         rss_before = resident_bytes(pid)
         load = Load()
         start_at = time.perf_counter() + warmup
         stop_at = start_at + duration
-        threads = [threading.Thread(target=robot, args=(i, url, start_at, stop_at, load), daemon=True)
+        threads = [threading.Thread(target=robot, args=(i, url, start_at, stop_at, load, world_config), daemon=True)
                    for i in range(robots)]
         for thread in threads:
             thread.start()
@@ -347,12 +347,10 @@ def fidelity(model: str, sessions: int, chunks: int, device: str | None) -> dict
     """Replay the same inputs (``sessions`` uncached closed-loop episodes of ``chunks`` chunks) through
     batches of all the sessions at once, with per-session and with batch-mean decisions, and through
     each session alone; compare forwards, schedules and actions."""
-    from stepcache.models.dreamzero.world import ReachingWorld
-
     reference = make_omni("none", model, device)
     inputs, uncached = [], []
     for index in range(sessions):
-        world = ReachingWorld()
+        world = reference.world_config.make_world()
         frame, state = world.reset(20_000 + index)
         episode, outputs = [], []
         with reference.open_session(seed=index) as session:
@@ -439,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also replay SESSIONS uncached episodes through per-session and batch-mean batches")
     add_progress_argument(parser)
     args = parser.parse_args(argv)
+    from stepcache.models.dreamzero.weights import load_world_config
+
+    world_config = load_world_config(args.model)  # the robots drive the world the served model was trained on
     robots = [int(n) for n in args.robots.split(",") if n]  # --robots "": only --fidelity
     modes = [mode for mode in args.modes.split(",") if mode]
     unknown = sorted(set(modes) - set(MODES))
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix_str(f"{mode} N={n}")
                 if args.transport == "http":
                     process, url = servers[mode]
-                    row = run_load(url, process.pid, n, args.warmup, args.duration)
+                    row = run_load(url, process.pid, n, args.warmup, args.duration, world_config)
                 else:
                     row = run_load_inprocess(omnis[mode], n, args.warmup, args.duration)
                 results[mode].append(row)
@@ -486,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"  {row['chunks_per_forward']:5.2f} chunks/fwd  {row['dit_calls_per_chunk']:5.2f} calls/chunk"
                       f"  {row['rows_per_call']:5.1f} rows/call  queue p99 {1000 * row['queue_p99_s']:6.1f} ms"
                       f"{'  overruns ' + str(row['flat_cost_overruns']) if row.get('flat_cost_overruns') else ''}"
-                      f"  success {row['success_rate']:.2f}"
+                      f"  success {row['success_rate']:.2f} [{row['success_interval'][0]:.2f}, "
+                      f"{row['success_interval'][1]:.2f}]"
                       f" ({row['episodes']} ep)  {row['session_tensor_bytes'] / 1024:.0f} KiB/session"
                       f"{'  ERRORS ' + str(row['errors']) if row['errors'] else ''}", flush=True)
                 bar.update()

@@ -357,8 +357,8 @@ def _backend_name(cache_backend: Any, cache_config: Any) -> str | None:
 def _check_model(model: Any) -> str | Path:
     if isinstance(model, bool) or not isinstance(model, (str, os.PathLike)):
         raise ValueError(
-            f"model must be a bundled model name ('dreamzero-mini', 'dreamzero-detour') or the path of a folder holding "
-            f"config.json and model.safetensors, got {model!r} ({type(model).__name__})"
+            f"model must be a bundled model name ('dreamzero-mini', 'dreamzero-detour') or the path of a folder "
+            f"holding config.json and model.safetensors, got {model!r} ({type(model).__name__})"
         )
     if isinstance(model, str) and not model.strip():
         raise ValueError("model must be a bundled model name ('dreamzero-mini', 'dreamzero-detour') or a folder path, "

@@ -34,7 +34,8 @@ def test_a_move_through_the_obstacles_edge_is_contact_even_when_both_ends_are_ou
     for point in (start, end):
         assert np.linalg.norm(point - centre) > 0.08
     assert segment_hits_disc(start, end, centre, 0.08)[0]
-    assert not segment_hits_disc(start, end + [[0, -0.1]], centre + [[0, 0.2]], 0.08)[0]
+    away = np.array([[0.0, 0.2]])
+    assert not segment_hits_disc(start, end, centre + away, 0.08)[0]
 
 
 def test_contact_blocks_the_move_and_costs_time():
