@@ -39,13 +39,19 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from stepcache.models.dreamzero.pipeline import INPUT_RANGE, NonFiniteOutputError
-from stepcache.models.dreamzero.world import INSTRUCTIONS, instruction_index
+from stepcache.models.dreamzero.world import INSTRUCTIONS
 from stepcache.omni import Omni, SessionBusyError, SessionClosedError
+from stepcache.serving.chunks import (
+    ChunkRequestError,
+    ModelInputs,
+    checked_array,
+    checked_instruction,
+    generate_chunk,
+    open_session_within,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # a valid chunk request is about 20 KB
 MAX_ERRORS = 10  # validation errors listed in one 422 (a 1-D frame would otherwise list one per element)
 _EXPIRED_REMEMBERED = 1024  # ids of expired sessions kept for a clearer 404
+HTTP_FIELDS = {"observation": "frame", "state": "state"}  # the pipeline's input names -> this API's fields
 
 
 class OpenSession(BaseModel):
@@ -163,20 +170,11 @@ def _field_error_at(loc: list[str], message: str, status: int = 422) -> Exceptio
     return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
 
 
-def _array(value: Any, field: str, shape: tuple[int, ...], low: float | None = None,
-           high: float | None = None) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise _field_error(field, f"{field} must be an array of numbers of shape {list(shape)}") from None
-    if array.shape != shape:
-        raise _field_error(field, f"{field} must have shape {list(shape)}, got {list(array.shape)}")
-    if not np.isfinite(array).all():
-        raise _field_error(field, f"{field} must be finite (no NaN or infinity)")
-    if low is not None and (array.min() < low or array.max() > high):
-        raise _field_error(field, f"{field} values must lie in [{low}, {high}], got [{array.min():.4g}, "
-                                  f"{array.max():.4g}]")
-    return array
+def _http_error(error: ChunkRequestError) -> HTTPException:
+    """A refusal of the shared session layer as this API's answer: a field's in ``detail[0].loc``."""
+    if error.field is not None:
+        return _field_error(error.field, error.message, error.status)
+    return HTTPException(error.status, error.message)
 
 
 def unknown_session(session_id: str) -> str:
@@ -210,9 +208,7 @@ def create_app(
     if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
     interval = sweep_interval_s if sweep_interval_s is not None else min(10.0, session_ttl_s / 4)
-    model_cfg = omni.pipeline.transformer.config
-    frame_shape = (model_cfg.frame_size, model_cfg.frame_size)
-    state_shape = (model_cfg.state_dim,)
+    inputs = ModelInputs.of(omni)
     expired: OrderedDict[str, float] = OrderedDict()
 
     def sweep() -> None:
@@ -288,8 +284,8 @@ def create_app(
             "session_ttl_s": session_ttl_s,
             "session_bytes": sum(session.nbytes() for session in sessions),
             "engine": omni.engine.stats.to_dict(),
-            "inputs": {"frame": {"shape": list(frame_shape), "range": list(INPUT_RANGE)},
-                       "state": {"shape": list(state_shape), "range": list(INPUT_RANGE)}},
+            "inputs": {"frame": {"shape": list(inputs.frame_shape), "range": list(inputs.value_range)},
+                       "state": {"shape": list(inputs.state_shape), "range": list(inputs.value_range)}},
             "max_request_bytes": max_request_bytes,
             "sessions_persist": False,  # in this process's memory only: a restart loses them
         }
@@ -298,10 +294,10 @@ def create_app(
     async def open_session(request: Request) -> dict[str, Any]:
         body = await body_of(request, OpenSession, optional=True)
         sweep()
-        if len(omni.sessions) >= max_sessions:
-            raise HTTPException(503, f"the server holds its maximum of {max_sessions} sessions; close one, or wait "
-                                     f"for idle ones to expire ({session_ttl_s:g} s)")
-        session = omni.open_session(seed=body.seed)
+        try:
+            session = open_session_within(omni, body.seed, max_sessions, session_ttl_s)
+        except ChunkRequestError as error:
+            raise _http_error(error) from None
         return describe(session)
 
     @app.get("/sessions/{session_id}")
@@ -330,29 +326,15 @@ def create_app(
         start = time.perf_counter()
         session = session_or_404(session_id)
         body = await body_of(request, Observation, optional=False)
-        frame = _array(body.frame, "frame", frame_shape, *INPUT_RANGE)
-        state = _array(body.state, "state", state_shape, *INPUT_RANGE)
         try:
-            instruction = instruction_index(body.instruction)
-        except ValueError as error:
-            raise _field_error("instruction", str(error)) from None
-        try:
-            output = await session.agenerate(frame, instruction, state)
-        except SessionBusyError as error:
-            raise HTTPException(409, str(error)) from None
-        except SessionClosedError:
-            raise HTTPException(404, unknown_session(session_id)) from None
-        except NonFiniteOutputError as error:
-            if error.field is None:
-                logger.error("session %s: %s", session_id, error)
-                raise HTTPException(500, str(error)) from None
-            raise _field_error({"observation": "frame"}.get(error.field, error.field), str(error)) from None
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from None
-        except Exception as error:
-            logger.exception("session %s: chunk failed", session_id)
-            raise HTTPException(500, f"the chunk failed on the server ({type(error).__name__}: {error}); the "
-                                     "session's episode is as before it, so the chunk can be retried") from None
+            frame = checked_array(body.frame, "frame", inputs.frame_shape, inputs.value_range)
+            state = checked_array(body.state, "state", inputs.state_shape, inputs.value_range)
+            instruction = checked_instruction(body.instruction, "instruction")
+            output = await generate_chunk(session, frame, instruction, state, HTTP_FIELDS)
+        except ChunkRequestError as error:
+            if error.status == 404:
+                raise HTTPException(404, unknown_session(session_id)) from None
+            raise _http_error(error) from None
         stats = output.stats.to_dict()
         stats["server_s"] = time.perf_counter() - start
         return {
