@@ -62,6 +62,8 @@ def checked_array(value: Any, field: str, shape: tuple[int, ...], value_range: t
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
         raise ChunkRequestError(422, f"{field} must be an array of numbers of shape {list(shape)}", field) from None
+    if not array.flags.writeable:  # a view on a received message's bytes: torch wants memory it may own
+        array = array.copy()
     if array.shape != shape:
         raise ChunkRequestError(422, f"{field} must have shape {list(shape)}, got {list(array.shape)}", field)
     if not np.isfinite(array).all():

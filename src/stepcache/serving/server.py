@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -40,7 +41,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from starlette.websockets import WebSocket
 
 from stepcache.models.dreamzero.world import INSTRUCTIONS
 from stepcache.omni import Omni, SessionBusyError, SessionClosedError
@@ -52,6 +55,7 @@ from stepcache.serving.chunks import (
     generate_chunk,
     open_session_within,
 )
+from stepcache.serving.openpi import DEFAULT_MAX_MESSAGE_BYTES, add_openpi_route, deny
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +194,8 @@ def create_app(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     sweep_interval_s: float | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``omni``'s sessions.
 
@@ -200,19 +206,29 @@ def create_app(
         sweep_interval_s: how often idle sessions are looked for (default: a quarter of the TTL,
             at most 10 s).
         max_request_bytes: a request body above this size gets 413 before it is parsed.
+        max_message_bytes: an openpi websocket message above this size closes its connection (1009)
+            before it is held whole (the websocket layer's limit: :func:`uvicorn_config` passes it on).
+        api_key: when given, every request and connection must carry ``Authorization: Api-Key <key>``
+            (openpi's header); others get 401 before any work.
     """
     if not (isinstance(session_ttl_s, (int, float)) and math.isfinite(session_ttl_s) and session_ttl_s > 0):
         raise ValueError(f"session_ttl_s must be a number > 0, got {session_ttl_s!r}")
     if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
         raise ValueError(f"max_sessions must be an integer >= 1, got {max_sessions!r}")
-    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
+    for name, value in (("max_request_bytes", max_request_bytes), ("max_message_bytes", max_message_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_api_key(api_key)
     interval = sweep_interval_s if sweep_interval_s is not None else min(10.0, session_ttl_s / 4)
     inputs = ModelInputs.of(omni)
     expired: OrderedDict[str, float] = OrderedDict()
+    expiry_events: dict[str, asyncio.Event] = {}  # openpi connections, told when their session expires
 
     def sweep() -> None:
         for session_id in omni.close_idle_sessions(session_ttl_s):
+            event = expiry_events.get(session_id)
+            if event is not None:
+                event.set()
             expired[session_id] = time.time()
             while len(expired) > _EXPIRED_REMEMBERED:
                 expired.popitem(last=False)
@@ -237,6 +253,11 @@ def create_app(
     app = FastAPI(title="stepcache policy server", lifespan=lifespan,
                   description="DreamZero-style world-action model sessions with StepCache")
     app.state.omni = omni
+    app.state.max_message_bytes = max_message_bytes
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    add_openpi_route(app, omni, session_ttl_s=session_ttl_s, max_sessions=max_sessions,
+                     max_message_bytes=max_message_bytes, sweep=sweep, expiry_events=expiry_events)
 
     def session_or_404(session_id: str) -> Any:
         try:
@@ -287,6 +308,8 @@ def create_app(
             "inputs": {"frame": {"shape": list(inputs.frame_shape), "range": list(inputs.value_range)},
                        "state": {"shape": list(inputs.state_shape), "range": list(inputs.value_range)}},
             "max_request_bytes": max_request_bytes,
+            "max_message_bytes": max_message_bytes,
+            "openpi_websocket": "/",
             "sessions_persist": False,  # in this process's memory only: a restart loses them
         }
 
@@ -346,6 +369,51 @@ def create_app(
     return app
 
 
+API_KEY_ENV = "STEPCACHE_API_KEY"
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An API key is printable ASCII without spaces (it travels in a header), at least 8 characters."""
+    if api_key is None:
+        return
+    if not isinstance(api_key, str) or len(api_key) < 8 or not all(33 <= ord(c) < 127 for c in api_key):
+        raise ValueError("the API key must be at least 8 printable ASCII characters without spaces")
+
+
+class ApiKeyMiddleware:
+    """Refuse every HTTP request and websocket connection without ``Authorization: Api-Key <key>``
+    (openpi's header) before the application sees it: 401, nothing parsed, no session opened."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Api-Key {api_key}".encode()
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        given = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        return len(given) == 1 and hmac.compare_digest(given[0], self.expected)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        message = ("missing or wrong API key: send the header 'Authorization: Api-Key <key>' (openpi-client: "
+                   "WebsocketClientPolicy(..., api_key=KEY))")
+        if scope["type"] == "http":
+            response = JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Api-Key"})
+            await response(scope, receive, send)
+        else:
+            await deny(WebSocket(scope, receive, send), 401, message)
+
+
+def uvicorn_config(app: Any, log_level: str) -> Any:
+    """uvicorn's settings for ``app``: the websocket layer enforces the app's message limit, and no
+    per-message compression (openpi clients ask for none; inflating an untrusted peer's data costs CPU)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", ws_max_size=app.state.max_message_bytes,
+                          ws_per_message_deflate=False)
+
+
 def bind_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free port); OSError when it cannot bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -381,7 +449,7 @@ class ServerThread:
 
         self.socket = bind_socket(host, port)
         self.url = socket_url(self.socket)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                         name="stepcache-server", daemon=True)
 
@@ -410,11 +478,12 @@ class ServerThread:
 
 def serve(omni: Omni, sock: socket.socket, *, session_ttl_s: float = DEFAULT_SESSION_TTL_S,
           max_sessions: int = DEFAULT_MAX_SESSIONS, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, api_key: str | None = None,
           log_level: str = "info") -> None:
     """Serve ``omni`` on the listening socket ``sock`` until interrupted (``stepcache serve``)."""
     import uvicorn
 
     app = create_app(omni, session_ttl_s=session_ttl_s, max_sessions=max_sessions,
-                     max_request_bytes=max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+                     max_request_bytes=max_request_bytes, max_message_bytes=max_message_bytes, api_key=api_key)
+    server = uvicorn.Server(uvicorn_config(app, log_level))
     server.run(sockets=[sock])
