@@ -220,16 +220,22 @@ def fuzz(model: str, requests: int, threads: int) -> dict[str, Any]:
     healthy_records: dict[int, list] = {}
 
     def healthy(seed: int, stop: threading.Event) -> None:
+        """Episodes closed loop (a reset message between them) until the fuzz ends; every chunk recorded."""
         policy = WebsocketClientPolicy(f"{ws_url}?seed={seed}")
-        world = ReachingWorld()
-        frame, state = world.reset(seed)
-        record = []
-        while not stop.is_set() and len(record) < 30:
-            if world.done:
-                break
-            out = policy.infer({"observation/image": frame, "observation/state": state, "prompt": world.instruction})
-            record.append((frame, state, world.instruction, out["actions"], out["stepcache"]["schedule"]))
-            frame, state = world.execute(out["actions"])
+        record: list[tuple[Any, ...]] = []
+        episode = 0
+        while not stop.is_set():
+            episode_seed = 1000 * seed + episode
+            policy.infer({"reset": True, "seed": episode_seed})
+            world = ReachingWorld()
+            frame, state = world.reset(episode_seed)
+            while not world.done and not stop.is_set():
+                out = policy.infer({"observation/image": frame, "observation/state": state,
+                                    "prompt": world.instruction})
+                record.append((episode_seed, frame, state, world.instruction, out["actions"],
+                               out["stepcache"]["schedule"]))
+                frame, state = world.execute(out["actions"])
+            episode += 1
         healthy_records[seed] = record
         policy._ws.close()
 
@@ -278,7 +284,11 @@ def fuzz(model: str, requests: int, threads: int) -> dict[str, Any]:
     with Omni(model, cache_backend="step_cache") as omni:
         for seed, record in healthy_records.items():
             with omni.open_session(seed=seed) as session:
-                for frame, state, prompt, actions, schedule in record:
+                episode_seed = None
+                for new_seed, frame, state, prompt, actions, schedule in record:
+                    if new_seed != episode_seed:
+                        session.start_episode(new_seed)
+                        episode_seed = new_seed
                     expected = session.generate(frame, prompt, state)
                     worst = max(worst, float(np.abs(expected.actions - actions).max()))
                     same_schedules &= expected.stats.schedule == schedule

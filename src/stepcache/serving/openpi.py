@@ -17,7 +17,7 @@ The protocol (as the ``openpi-client`` package implements it):
 - a refused request is answered with a text frame naming the key and what was expected (the client
   raises it as ``RuntimeError``); the session stays usable. Where the connection cannot go on, it is
   closed with a close reason: a message above ``max_message_bytes`` (1009, by the websocket layer,
-  before it is held whole), an expired session (4408), a closed server (1001).
+  before it is held whole), an expired session (4408), a server that stops (1012, uvicorn's).
 
 The observation keys (openpi's naming; shapes from the loaded model, :class:`~.chunks.ModelInputs`):
 ``observation/image`` is the model's grey frame (uint8 0..255 as cameras give it, divided by 255, or
@@ -76,7 +76,6 @@ OPENPI_FIELDS = {"observation": IMAGE, "state": STATE}  # the pipeline's input n
 # default leaves it twice that. The bundled model's observation is about 4 KB.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 CLOSE_EXPIRED = 4408  # application close code: the session expired (idle)
-CLOSE_GOING_AWAY = 1001
 _MAX_NDIM = 8
 _ARRAY_KEYS = {b"__ndarray__", b"data", b"dtype", b"shape"}
 _SCALAR_KEYS = {b"__npgeneric__", b"data", b"dtype"}
