@@ -29,7 +29,11 @@ rows per call.
 
 writes ``serve_load.json`` and ``serve_load.png`` (throughput against N) into ``--out`` and prints a
 table. ``--transport inprocess`` drives the sessions of an in-process ``Omni`` from the robot threads
-instead (no HTTP; ``--device cuda`` runs the model on a GPU). ``--fidelity`` measures what the
+instead (no HTTP; ``--device cuda`` runs the model on a GPU). ``--transport websocket`` makes every
+robot an openpi-client ``WebsocketClientPolicy`` (in its own thread) on the same servers' openpi
+websocket. Every row also reports, per transport, the bytes of one request and the client's time to
+serialise it (JSON text for http, openpi's msgpack for websocket, timed with the same encoder; none
+in process). ``--fidelity`` measures what the
 batch-mean rule costs: the same inputs replayed through per-session and batch-mean batches, compared
 with the uncached outputs.
 """
@@ -81,6 +85,7 @@ class Load:
     """What the robots of one (mode, N) run measured."""
 
     chunks: list[tuple[float, float, int, float]] = field(default_factory=list)  # (end, latency, forwards, queue)
+    requests: list[tuple[int, float]] = field(default_factory=list)  # (request bytes, client serialisation s)
     episodes: list[tuple[float, bool]] = field(default_factory=list)  # (end, success)
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -130,9 +135,12 @@ def robot(index: int, url: str, start_at: float, stop_at: float, load: Load, wor
                 world = world_config.make_world()
                 frame, state = world.reset(seed)
                 while not world.done and time.perf_counter() < stop_at:
-                    body = {"frame": frame.tolist(), "instruction": world.instruction, "state": state.tolist()}
                     sent = time.perf_counter()
-                    response = client.post(f"/sessions/{session}/chunks", json=body)
+                    body = json.dumps({"frame": frame.tolist(), "instruction": world.instruction,
+                                       "state": state.tolist()}).encode()
+                    encoded = time.perf_counter()
+                    response = client.post(f"/sessions/{session}/chunks", content=body,
+                                           headers={"content-type": "application/json"})
                     ended = time.perf_counter()
                     if response.status_code != 200:
                         with load.lock:
@@ -143,6 +151,7 @@ def robot(index: int, url: str, start_at: float, stop_at: float, load: Load, wor
                         with load.lock:
                             load.chunks.append((ended, ended - sent, data["stats"]["dit_forwards"],
                                                 data["stats"]["queue_s"]))
+                            load.requests.append((len(body), encoded - sent))
                     frame, state = world.execute(np.asarray(data["actions"]))
                 if world.done and start_at <= time.perf_counter() <= stop_at:
                     with load.lock:
@@ -150,6 +159,53 @@ def robot(index: int, url: str, start_at: float, stop_at: float, load: Load, wor
                 episode += 1
         finally:
             client.delete(f"/sessions/{session}")
+
+
+def robot_websocket(index: int, url: str, start_at: float, stop_at: float, load: Load, world_config: Any) -> None:
+    """One robot speaking openpi's protocol: a ``WebsocketClientPolicy`` (one session), episodes closed loop
+    (a reset message per episode) until ``stop_at``. The request is packed once more, outside the timed
+    round trip, with the client's own packer, to measure its size and serialisation time."""
+    import warnings
+
+    from openpi_client import msgpack_numpy
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # openpi-client 0.1.2's connect() outside a `with`
+        policy = WebsocketClientPolicy(url.replace("http://", "ws://", 1) + f"/?seed={index}")
+    packer = msgpack_numpy.Packer()
+    episode = 0
+    try:
+        while time.perf_counter() < stop_at:
+            seed = 10_000 * (index + 1) + episode
+            policy.infer({"reset": True, "seed": seed})
+            world = world_config.make_world()
+            frame, state = world.reset(seed)
+            while not world.done and time.perf_counter() < stop_at:
+                obs = {"observation/image": frame, "observation/state": state, "prompt": world.instruction}
+                sent = time.perf_counter()
+                try:
+                    reply = policy.infer(obs)
+                except RuntimeError as error:
+                    with load.lock:
+                        load.errors.append(str(error)[:200])
+                    return
+                ended = time.perf_counter()
+                if start_at <= ended <= stop_at:
+                    began = time.perf_counter()
+                    size = len(packer.pack(obs))
+                    packed = time.perf_counter() - began
+                    with load.lock:
+                        load.chunks.append((ended, ended - sent, reply["stepcache"]["dit_forwards"],
+                                            reply["server_timing"]["queue_ms"] / 1000))
+                        load.requests.append((size, packed))
+                frame, state = world.execute(reply["actions"])
+            if world.done and start_at <= time.perf_counter() <= stop_at:
+                with load.lock:
+                    load.episodes.append((time.perf_counter(), world.success))
+            episode += 1
+    finally:
+        policy._ws.close()
 
 
 def robot_inprocess(index: int, omni: Any, start_at: float, stop_at: float, load: Load) -> None:
@@ -237,18 +293,22 @@ def summarise(load: Load, robots: int, duration: float, forward_chunks: int, for
         if load.episodes else [math.nan, math.nan],
         "session_tensor_bytes": session_bytes,
         "session_rss_bytes": session_rss,
+        "request_bytes": float(np.mean([r[0] for r in load.requests])) if load.requests else 0.0,
+        "serialise_ms_per_request": 1000 * float(np.mean([r[1] for r in load.requests])) if load.requests else 0.0,
         "errors": load.errors[:5],
     }
 
 
-def run_load(url: str, pid: int, robots: int, warmup: float, duration: float, world_config: Any) -> dict[str, Any]:
+def run_load(url: str, pid: int, robots: int, warmup: float, duration: float, world_config: Any,
+             transport: str = "http") -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=60) as client:
         before = client.get("/health").json()["engine"]
         rss_before = resident_bytes(pid)
         load = Load()
         start_at = time.perf_counter() + warmup
         stop_at = start_at + duration
-        threads = [threading.Thread(target=robot, args=(i, url, start_at, stop_at, load, world_config), daemon=True)
+        drive = robot_websocket if transport == "websocket" else robot
+        threads = [threading.Thread(target=drive, args=(i, url, start_at, stop_at, load, world_config), daemon=True)
                    for i in range(robots)]
         for thread in threads:
             thread.start()
@@ -429,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for NAME.json and NAME.png")
     add_update_docs_figures_argument(parser)
     parser.add_argument("--name", default="serve_load", help="file name (no suffix) of the outputs")
-    parser.add_argument("--transport", choices=("http", "inprocess"), default="http",
-                        help="http: robots talk to stepcache serve processes; inprocess: to an Omni's sessions")
+    parser.add_argument("--transport", choices=("http", "websocket", "inprocess"), default="http",
+                        help="http: robots talk to stepcache serve processes over its JSON API; websocket: as "
+                             "openpi-client policies over its openpi websocket; inprocess: to an Omni's sessions")
     parser.add_argument("--device", default=None, help="inprocess only: where the model runs (cpu, cuda)")
     parser.add_argument("--forward-cost", action="store_true", help="also time one DiT forward of 2 to 128 rows")
     parser.add_argument("--fidelity", type=int, default=0, metavar="SESSIONS",
@@ -465,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         for mode in modes:
-            if args.transport == "http":
+            if args.transport != "inprocess":
                 servers[mode] = start_server(mode, args.model, args.threads, max(robots, default=0) + 8,
                                              args.admission_wait_ms)
             else:
@@ -475,9 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in robots:
             for mode in modes:
                 bar.set_postfix_str(f"{mode} N={n}")
-                if args.transport == "http":
+                if args.transport != "inprocess":
                     process, url = servers[mode]
-                    row = run_load(url, process.pid, n, args.warmup, args.duration, world_config)
+                    row = run_load(url, process.pid, n, args.warmup, args.duration, world_config, args.transport)
                 else:
                     row = run_load_inprocess(omnis[mode], n, args.warmup, args.duration)
                 results[mode].append(row)
@@ -490,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"  success {row['success_rate']:.2f} [{row['success_interval'][0]:.2f}, "
                       f"{row['success_interval'][1]:.2f}]"
                       f" ({row['episodes']} ep)  {row['session_tensor_bytes'] / 1024:.0f} KiB/session"
+                      f"  {row['request_bytes'] / 1024:.1f} KiB/request  {row['serialise_ms_per_request']:.3f} ms "
+                      "serialise"
                       f"{'  ERRORS ' + str(row['errors']) if row['errors'] else ''}", flush=True)
                 bar.update()
         bar.close()

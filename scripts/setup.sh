@@ -39,4 +39,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing stepcache with all extras"
 pip_install -e ".[all]"
+# The real openpi robot client, for the websocket tests and benchmarks. It declares numpy<2 but runs on numpy 2
+# (it only uses ndarray, frombuffer-style construction and dtype strings): installed without its dependency
+# resolution, which would downgrade numpy; what it imports comes with the "openpi" extra above. Pinned: the tests
+# exercise this version. pip skips it when it is already installed.
+pip_install --no-deps "openpi-client==0.1.2"
 "$VENV/bin/python" -c "import torch, stepcache; print(f'setup: stepcache {stepcache.__version__}, torch {torch.__version__}')"

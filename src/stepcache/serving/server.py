@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -39,13 +40,22 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from starlette.websockets import WebSocket
 
-from stepcache.models.dreamzero.pipeline import INPUT_RANGE, NonFiniteOutputError
-from stepcache.models.dreamzero.world import INSTRUCTIONS, instruction_index
+from stepcache.models.dreamzero.world import INSTRUCTIONS
 from stepcache.omni import Omni, SessionBusyError, SessionClosedError
+from stepcache.serving.chunks import (
+    ChunkRequestError,
+    ModelInputs,
+    checked_array,
+    checked_instruction,
+    generate_chunk,
+    open_session_within,
+)
+from stepcache.serving.openpi import DEFAULT_MAX_MESSAGE_BYTES, add_openpi_route, deny
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +66,7 @@ DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # a valid chunk request is about 20 KB
 MAX_ERRORS = 10  # validation errors listed in one 422 (a 1-D frame would otherwise list one per element)
 _EXPIRED_REMEMBERED = 1024  # ids of expired sessions kept for a clearer 404
+HTTP_FIELDS = {"observation": "frame", "state": "state"}  # the pipeline's input names -> this API's fields
 
 
 class OpenSession(BaseModel):
@@ -163,20 +174,11 @@ def _field_error_at(loc: list[str], message: str, status: int = 422) -> Exceptio
     return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
 
 
-def _array(value: Any, field: str, shape: tuple[int, ...], low: float | None = None,
-           high: float | None = None) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise _field_error(field, f"{field} must be an array of numbers of shape {list(shape)}") from None
-    if array.shape != shape:
-        raise _field_error(field, f"{field} must have shape {list(shape)}, got {list(array.shape)}")
-    if not np.isfinite(array).all():
-        raise _field_error(field, f"{field} must be finite (no NaN or infinity)")
-    if low is not None and (array.min() < low or array.max() > high):
-        raise _field_error(field, f"{field} values must lie in [{low}, {high}], got [{array.min():.4g}, "
-                                  f"{array.max():.4g}]")
-    return array
+def _http_error(error: ChunkRequestError) -> HTTPException:
+    """A refusal of the shared session layer as this API's answer: a field's in ``detail[0].loc``."""
+    if error.field is not None:
+        return _field_error(error.field, error.message, error.status)
+    return HTTPException(error.status, error.message)
 
 
 def unknown_session(session_id: str) -> str:
@@ -192,6 +194,8 @@ def create_app(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     sweep_interval_s: float | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``omni``'s sessions.
 
@@ -202,21 +206,29 @@ def create_app(
         sweep_interval_s: how often idle sessions are looked for (default: a quarter of the TTL,
             at most 10 s).
         max_request_bytes: a request body above this size gets 413 before it is parsed.
+        max_message_bytes: an openpi websocket message above this size closes its connection (1009)
+            before it is held whole (the websocket layer's limit: :func:`uvicorn_config` passes it on).
+        api_key: when given, every request and connection must carry ``Authorization: Api-Key <key>``
+            (openpi's header); others get 401 before any work.
     """
     if not (isinstance(session_ttl_s, (int, float)) and math.isfinite(session_ttl_s) and session_ttl_s > 0):
         raise ValueError(f"session_ttl_s must be a number > 0, got {session_ttl_s!r}")
     if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
         raise ValueError(f"max_sessions must be an integer >= 1, got {max_sessions!r}")
-    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
+    for name, value in (("max_request_bytes", max_request_bytes), ("max_message_bytes", max_message_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_api_key(api_key)
     interval = sweep_interval_s if sweep_interval_s is not None else min(10.0, session_ttl_s / 4)
-    model_cfg = omni.pipeline.transformer.config
-    frame_shape = (model_cfg.frame_size, model_cfg.frame_size)
-    state_shape = (model_cfg.state_dim,)
+    inputs = ModelInputs.of(omni)
     expired: OrderedDict[str, float] = OrderedDict()
+    expiry_events: dict[str, asyncio.Event] = {}  # openpi connections, told when their session expires
 
     def sweep() -> None:
         for session_id in omni.close_idle_sessions(session_ttl_s):
+            event = expiry_events.get(session_id)
+            if event is not None:
+                event.set()
             expired[session_id] = time.time()
             while len(expired) > _EXPIRED_REMEMBERED:
                 expired.popitem(last=False)
@@ -241,6 +253,11 @@ def create_app(
     app = FastAPI(title="stepcache policy server", lifespan=lifespan,
                   description="DreamZero-style world-action model sessions with StepCache")
     app.state.omni = omni
+    app.state.max_message_bytes = max_message_bytes
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    add_openpi_route(app, omni, session_ttl_s=session_ttl_s, max_sessions=max_sessions,
+                     max_message_bytes=max_message_bytes, sweep=sweep, expiry_events=expiry_events)
 
     def session_or_404(session_id: str) -> Any:
         try:
@@ -288,9 +305,11 @@ def create_app(
             "session_ttl_s": session_ttl_s,
             "session_bytes": sum(session.nbytes() for session in sessions),
             "engine": omni.engine.stats.to_dict(),
-            "inputs": {"frame": {"shape": list(frame_shape), "range": list(INPUT_RANGE)},
-                       "state": {"shape": list(state_shape), "range": list(INPUT_RANGE)}},
+            "inputs": {"frame": {"shape": list(inputs.frame_shape), "range": list(inputs.value_range)},
+                       "state": {"shape": list(inputs.state_shape), "range": list(inputs.value_range)}},
             "max_request_bytes": max_request_bytes,
+            "max_message_bytes": max_message_bytes,
+            "openpi_websocket": "/",
             "sessions_persist": False,  # in this process's memory only: a restart loses them
         }
 
@@ -298,10 +317,10 @@ def create_app(
     async def open_session(request: Request) -> dict[str, Any]:
         body = await body_of(request, OpenSession, optional=True)
         sweep()
-        if len(omni.sessions) >= max_sessions:
-            raise HTTPException(503, f"the server holds its maximum of {max_sessions} sessions; close one, or wait "
-                                     f"for idle ones to expire ({session_ttl_s:g} s)")
-        session = omni.open_session(seed=body.seed)
+        try:
+            session = open_session_within(omni, body.seed, max_sessions, session_ttl_s)
+        except ChunkRequestError as error:
+            raise _http_error(error) from None
         return describe(session)
 
     @app.get("/sessions/{session_id}")
@@ -330,29 +349,15 @@ def create_app(
         start = time.perf_counter()
         session = session_or_404(session_id)
         body = await body_of(request, Observation, optional=False)
-        frame = _array(body.frame, "frame", frame_shape, *INPUT_RANGE)
-        state = _array(body.state, "state", state_shape, *INPUT_RANGE)
         try:
-            instruction = instruction_index(body.instruction)
-        except ValueError as error:
-            raise _field_error("instruction", str(error)) from None
-        try:
-            output = await session.agenerate(frame, instruction, state)
-        except SessionBusyError as error:
-            raise HTTPException(409, str(error)) from None
-        except SessionClosedError:
-            raise HTTPException(404, unknown_session(session_id)) from None
-        except NonFiniteOutputError as error:
-            if error.field is None:
-                logger.error("session %s: %s", session_id, error)
-                raise HTTPException(500, str(error)) from None
-            raise _field_error({"observation": "frame"}.get(error.field, error.field), str(error)) from None
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from None
-        except Exception as error:
-            logger.exception("session %s: chunk failed", session_id)
-            raise HTTPException(500, f"the chunk failed on the server ({type(error).__name__}: {error}); the "
-                                     "session's episode is as before it, so the chunk can be retried") from None
+            frame = checked_array(body.frame, "frame", inputs.frame_shape, inputs.value_range)
+            state = checked_array(body.state, "state", inputs.state_shape, inputs.value_range)
+            instruction = checked_instruction(body.instruction, "instruction")
+            output = await generate_chunk(session, frame, instruction, state, HTTP_FIELDS)
+        except ChunkRequestError as error:
+            if error.status == 404:
+                raise HTTPException(404, unknown_session(session_id)) from None
+            raise _http_error(error) from None
         stats = output.stats.to_dict()
         stats["server_s"] = time.perf_counter() - start
         return {
@@ -362,6 +367,51 @@ def create_app(
         }
 
     return app
+
+
+API_KEY_ENV = "STEPCACHE_API_KEY"
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An API key is printable ASCII without spaces (it travels in a header), at least 8 characters."""
+    if api_key is None:
+        return
+    if not isinstance(api_key, str) or len(api_key) < 8 or not all(33 <= ord(c) < 127 for c in api_key):
+        raise ValueError("the API key must be at least 8 printable ASCII characters without spaces")
+
+
+class ApiKeyMiddleware:
+    """Refuse every HTTP request and websocket connection without ``Authorization: Api-Key <key>``
+    (openpi's header) before the application sees it: 401, nothing parsed, no session opened."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Api-Key {api_key}".encode()
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        given = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        return len(given) == 1 and hmac.compare_digest(given[0], self.expected)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        message = ("missing or wrong API key: send the header 'Authorization: Api-Key <key>' (openpi-client: "
+                   "WebsocketClientPolicy(..., api_key=KEY))")
+        if scope["type"] == "http":
+            response = JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Api-Key"})
+            await response(scope, receive, send)
+        else:
+            await deny(WebSocket(scope, receive, send), 401, message)
+
+
+def uvicorn_config(app: Any, log_level: str) -> Any:
+    """uvicorn's settings for ``app``: the websocket layer enforces the app's message limit, and no
+    per-message compression (openpi clients ask for none; inflating an untrusted peer's data costs CPU)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", ws_max_size=app.state.max_message_bytes,
+                          ws_per_message_deflate=False)
 
 
 def bind_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
@@ -399,7 +449,7 @@ class ServerThread:
 
         self.socket = bind_socket(host, port)
         self.url = socket_url(self.socket)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                         name="stepcache-server", daemon=True)
 
@@ -428,11 +478,12 @@ class ServerThread:
 
 def serve(omni: Omni, sock: socket.socket, *, session_ttl_s: float = DEFAULT_SESSION_TTL_S,
           max_sessions: int = DEFAULT_MAX_SESSIONS, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, api_key: str | None = None,
           log_level: str = "info") -> None:
     """Serve ``omni`` on the listening socket ``sock`` until interrupted (``stepcache serve``)."""
     import uvicorn
 
     app = create_app(omni, session_ttl_s=session_ttl_s, max_sessions=max_sessions,
-                     max_request_bytes=max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+                     max_request_bytes=max_request_bytes, max_message_bytes=max_message_bytes, api_key=api_key)
+    server = uvicorn.Server(uvicorn_config(app, log_level))
     server.run(sockets=[sock])

@@ -3,8 +3,12 @@
 Loads the model once and serves sessions over HTTP (see :mod:`stepcache.serving.server` for the
 API): each robot opens a session, sends its observation every chunk and gets the actions back. The
 chunks of all sessions are batched per denoising step, each session deciding its own steps with
-StepCache. Binds to 127.0.0.1 unless ``--host`` says otherwise; ``--port 0`` takes any free port (the
-address is printed). Needs the ``serve`` extra (``pip install 'stepcache[serve]'``).
+StepCache. The same port speaks openpi's websocket policy protocol at ``/``
+(:mod:`stepcache.serving.openpi`): a robot running openpi-client's ``WebsocketClientPolicy`` connects
+as it does to an openpi server. Binds to 127.0.0.1 unless ``--host`` says otherwise; ``--port 0`` takes
+any free port (the address is printed). ``--api-key`` (or ``$STEPCACHE_API_KEY``) makes every request
+carry ``Authorization: Api-Key <key>``; another address than loopback needs a key, or
+``--allow-no-api-key``. Needs the ``serve`` extra (``pip install 'stepcache[serve]'``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -45,7 +50,9 @@ def _port(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stepcache.serving.engine import DECISIONS, PER_SESSION
+    from stepcache.serving.openpi import DEFAULT_MAX_MESSAGE_BYTES
     from stepcache.serving.server import (
+        API_KEY_ENV,
         DEFAULT_HOST,
         DEFAULT_MAX_REQUEST_BYTES,
         DEFAULT_MAX_SESSIONS,
@@ -68,6 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
                         help="a request body above this size is refused (413) before it is parsed (a chunk request "
                              "is about 20 KB)")
+    parser.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES, metavar="N",
+                        help="an openpi websocket message above this size closes its connection (1009) before it is "
+                             "held whole (default: twice a DROID observation; the bundled model's is about 4 KB)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help=f"require 'Authorization: Api-Key KEY' (openpi's header) on every request and connection "
+                             f"(default: ${API_KEY_ENV}; prefer the variable: a command line is visible to other "
+                             "users of the machine)")
+    parser.add_argument("--allow-no-api-key", action="store_true",
+                        help="allow listening on another address than loopback without an API key (a warning is "
+                             "printed: anyone who reaches the port can use the model)")
     parser.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
                         help="chunks batched into one DiT forward at most")
     parser.add_argument("--decision", choices=DECISIONS, default=PER_SESSION,
@@ -106,6 +123,17 @@ def validate(args: argparse.Namespace) -> None:
         load_model(args.model)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"argument --model: {err}") from None
+    from stepcache.serving.server import API_KEY_ENV, check_api_key
+
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+        source = f"${API_KEY_ENV}"
+    else:
+        source = "argument --api-key"
+    try:
+        check_api_key(args.api_key)
+    except ValueError as err:
+        raise UsageError(f"{source}: {err}") from None
     host = args.host.strip()
     if not host:
         raise UsageError("argument --host: empty; allowed: an address such as 127.0.0.1")
@@ -113,6 +141,9 @@ def validate(args: argparse.Namespace) -> None:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
+    if not loopback and args.api_key is None and not args.allow_no_api_key:
+        raise UsageError(f"argument --host: {host} is reachable from the network and no API key is set; give one "
+                         f"(--api-key, or ${API_KEY_ENV}), or pass --allow-no-api-key to serve without one")
     from stepcache.serving.server import bind_socket
 
     try:  # bind now: a port in use is a usage error before the model loads
@@ -124,8 +155,12 @@ def validate(args: argparse.Namespace) -> None:
         if err.errno == errno.EADDRNOTAVAIL:
             raise UsageError(f"argument --host: cannot listen on {host}: {err.strerror or err}") from None
         raise UsageError(f"argument --port: cannot listen on {host}:{args.port}: {err.strerror or err}") from None
-    if not loopback:
-        logger.warning("listening on %s: the server is reachable from the network (it has no authentication)", host)
+    if not loopback and args.api_key is None:
+        logger.warning("listening on %s without an API key (--allow-no-api-key): anyone who reaches the port can "
+                       "use the model", host)
+    elif not loopback:
+        logger.warning("listening on %s: the API key travels in clear text (no TLS); put a TLS proxy in front "
+                       "on an untrusted network", host)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,10 +184,13 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if not isinstance(args.model, Path) else str(args.model)
     print(f"stepcache serve: {model} on {socket_url(sock)} ({args.device}; cache {cache}; {args.decision} decisions; "
           f"{'one chunk at a time' if args.no_batching else f'batches of up to {args.max_batch} chunks'}; "
-          f"sessions expire after {args.session_ttl:g} s idle); Ctrl-C stops", flush=True)
+          f"sessions expire after {args.session_ttl:g} s idle; openpi websocket at "
+          f"{socket_url(sock).replace('http://', 'ws://', 1)}/; "
+          f"{'API key required' if args.api_key else 'no API key'}); Ctrl-C stops", flush=True)
     try:
         serve(omni, sock, session_ttl_s=args.session_ttl, max_sessions=args.max_sessions,
-              max_request_bytes=args.max_request_bytes, log_level="debug" if args.verbose else "warning")
+              max_request_bytes=args.max_request_bytes, max_message_bytes=args.max_message_bytes,
+              api_key=args.api_key, log_level="debug" if args.verbose else "warning")
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the signal: the normal way to stop
         pass
     finally:
