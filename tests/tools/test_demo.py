@@ -32,7 +32,7 @@ def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
     json_path = tmp_path / "demo.json"
     args = _parse(["--episodes", "2", "--seed", "3", "--out", str(tmp_path / "out"), "--json", str(json_path),
                    "--model", str(model_dir), "--no-progress", "--sessions", "2", "--timed-episodes", "1",
-                   "--rows", "step_cache,fast,fewer_steps"])
+                   "--rows", "step_cache,fast,static_mask,fewer_steps"])
     assert demo.run(args) == 0
     printed = capsys.readouterr().out
     assert "| run" in printed and "success [95% CI]" in printed and "speedup" in printed
@@ -60,6 +60,8 @@ def test_demo_writes_table_pngs_and_the_json_shape(tmp_path, capsys):
             assert run["action_mse_vs_none"] >= 0 and "video_psnr_vs_none" in run
     assert data["runs"]["none"]["dit_forwards_per_chunk"] == 16
     assert data["runs"]["fast"]["dit_forwards_per_chunk"] == 4
+    assert data["runs"]["static_mask"]["dit_forwards_per_chunk"] == 8  # DreamZero's 8 of 16
+    assert data["runs"]["static_mask"]["family"] == "static_mask"
     assert data["runs"]["fewer_steps 4"]["num_inference_steps"] == 4
 
 

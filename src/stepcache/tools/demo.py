@@ -197,7 +197,7 @@ def cached_rows(args: argparse.Namespace, steps: int, calibrate: Any) -> list[De
         rows.append(DemoRow("calibrated", CALIBRATED, steps, calibrate()))
     if "static_mask" in args.rows:
         rows.append(DemoRow("static_mask", STATIC_MASK, steps,
-                            DiffusionCacheConfig(step_cache_dit_static_run_steps=list(DREAMZERO_STATIC_RUN_STEPS))))
+                            DiffusionCacheConfig(step_cache_dit_static_steps=list(DREAMZERO_STATIC_RUN_STEPS))))
     return rows
 
 

@@ -1,10 +1,12 @@
-"""The detour world: the reaching task with an obstacle across the straight path, which ends an episode
-on contact.
+"""The detour world: the reaching task with an obstacle across the straight path, which blocks any
+move that touches it.
 
 Everything the reaching world has stays (three targets, an instruction naming one, 32x32 grey frames,
 the agent's own position as the state, 2-D moves of at most ``max_step``). What is new is one round
 obstacle (a disc, grey level ``obstacle_level``) placed across the straight line from the agent's
-start to the instructed target. Touching it ends the episode as a failure. The scripted expert goes
+start to the instructed target. A move that would touch it does not happen: the agent stays where it
+was, and the episode's time runs on (``contact_ends_episode=True`` ends the episode as a failure
+instead). The scripted expert goes
 around it, on a side drawn at random per episode (half left, half right), through a waypoint beside
 the obstacle, then heads for the target and stops on it.
 
@@ -12,14 +14,15 @@ Why this task, for judging a cache: it makes success depend on the quality of th
 and in the direction that matters for a step-skipping cache. The demonstrated first moves are
 bimodal (left or right of the obstacle), and their mean points at the obstacle. A sampler that
 commits to one mode goes around. One that blurs the two modes towards their mean (too few
-denoising steps, or reused velocities that are too far off) drives at the obstacle and can hit it.
+denoising steps, or reused velocities that are too far off) drives at the obstacle and gets stuck
+against it.
 A precise-placement task would not show this. On the reaching world, 4 steps instead of 16 stop
 *closer* to the target, because a blurrier sampler is closer to the mean, which is what placement
 rewards. See docs/dreamzero.md for the measurements behind this choice.
 
-Success: after some chunk, the agent is within ``success_radius`` of the instructed target, without
-having touched the obstacle, at most ``max_chunks`` chunks in. Contact is tested along every move
-(the segment, not only its end point), so a long step cannot jump through the obstacle's edge.
+Success: after some chunk, the agent is within ``success_radius`` of the instructed target, at most
+``max_chunks`` chunks in. Contact is tested along every move (the segment, not only its end point), so
+a long step cannot jump through the obstacle's edge.
 """
 
 from __future__ import annotations
