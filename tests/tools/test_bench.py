@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from stepcache.tools.benchmark import cache_dit_peer
 from stepcache.tools.benchmark.harness import FULL, ORACLE, STATIC_MASK, STEP_CACHE, Method
 from stepcache.tools.benchmark.oracle import search_schedules
 from stepcache.tools.benchmark.report import benchmark_json, markdown_table, plot_fidelity
@@ -16,6 +17,8 @@ from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 from tests.tools.tiny_models import single_thread, tiny_wan_digits
 
 PEERS = {"first_block_cache", "mag_cache", "taylorseer_cache", "pyramid_attention_broadcast", "faster_cache"}
+if cache_dit_peer.is_installed():  # the optional peer family (the bench extra)
+    PEERS.add(cache_dit_peer.CACHE_DIT)
 
 
 @pytest.fixture(scope="module", autouse=True)
