@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                         help="timed repeats per method (default: 3, 1 with --quick)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the evaluated inputs")
+    parser.add_argument("--samples-per-class", type=positive_int, default=None, metavar="N",
+                        help="wan-digits: evaluated digits per class (default: 10, 1 with --quick); fewer is "
+                             "faster and noisier")
     parser.add_argument("--calibration-seed", type=seed_int, default=None, metavar="SEED",
                         help="seed of the inputs calibrated configs are tuned on (default: --seed + 1); "
                              "never the evaluated ones")
@@ -75,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    if args.samples_per_class is not None and args.model != "wan-digits":
+        raise UsageError(f"argument --samples-per-class: is for wan-digits; {args.model} runs its own episodes")
     if args.calibration_seed is None:
         args.calibration_seed = args.seed + 1
     if args.calibration_seed == args.seed:
@@ -119,9 +124,11 @@ def default_num_steps(pipeline: Any) -> int:
     return int(pipeline.config.num_inference_steps)  # DreamZeroPipeline
 
 
-def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None) -> BenchTarget:
+def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None,
+                 samples_per_class: int | None = None) -> BenchTarget:
     """The bundled model as a benchmark target (imports only what that model needs); ``pipeline``:
-    the model already loaded by :func:`load_bundled`."""
+    the model already loaded by :func:`load_bundled`; ``samples_per_class``: wan-digits' digits per
+    class (default: 10, 1 when ``quick``)."""
     pipeline = load_bundled(model) if pipeline is None else pipeline
     if model == "dreamzero-mini":
         from stepcache.tools.benchmark.dreamzero_target import DreamZeroTarget
@@ -134,7 +141,9 @@ def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None) ->
         )
     from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 
-    return WanDigitsTarget(pipeline, samples_per_class=1 if quick else 10, seed=seed)
+    if samples_per_class is None:
+        samples_per_class = 1 if quick else 10
+    return WanDigitsTarget(pipeline, samples_per_class=samples_per_class, seed=seed)
 
 
 def _phase(message: str) -> int:
@@ -172,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         return replot(args)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     set_torch_threads(args.threads)
-    target = build_target(args.model, quick=args.quick, seed=args.seed)
+    target = build_target(args.model, quick=args.quick, seed=args.seed, samples_per_class=args.samples_per_class)
     with progress_bar(total=len(PHASES), desc=f"bench {args.model}", unit="phases",
                       enabled=show_progress(args), interval_s=0) as bar:  # phases are minutes long: a line each
 
@@ -223,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             **({"note": QUICK_NOTE} if args.quick else {}),
             repeats=repeats,
             seed=args.seed,
+            **({"samples_per_class": args.samples_per_class} if args.samples_per_class is not None else {}),
             calibration_seed=args.calibration_seed,
             frontier=frontier_json(result.rows, budgets),
             skipped_peers=result.skipped_peers,
