@@ -1,15 +1,21 @@
-"""The docs run as written: every Python block of the README and of the docs below is executed, and every
-``stepcache`` command line in their shell blocks is parsed by the real command-line parser.
+"""The docs run as written: every Python block of the README and of the docs below is executed, every
+command of their shell blocks is resolved (the executable is where the setup puts it) and parsed with
+its real arguments, and the shell blocks that finish in seconds are run.
 
-A block is run unless the HTML comment on the line before it (blank lines allowed) says otherwise:
+A Python block is run unless the HTML comment on the line before it (blank lines allowed) says otherwise:
 
 - ``<!-- fragment: WHY -->``: not runnable on its own (names the reader supplies); only compiled;
 - ``<!-- not run: WHY -->``: runnable, but needs what tests cannot have (downloads, a GPU); compiled;
 - ``<!-- continues the previous block -->``: runs in the namespace the previous block left.
 
+A shell block is resolved and parsed only (most take minutes; their durations are in the docs, measured
+on the development machine), unless it is marked ``<!-- runs in tests -->``: then it is also run, with
+bash, as written.
+
 Blocks run in a temporary working directory (what they write stays out of the checkout), with one
-torch thread. The bash commands are not run here (they take minutes); their durations are in the
-README, measured on the development machine.
+torch thread; a shell block's working directory links the checkout's ``.venv``, ``docs``, ``examples``
+and ``benchmarks``, so its paths read as they do from the repository root, and no tracked file may
+change while it runs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import re
 import runpy
 import shlex
+import subprocess
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +40,13 @@ DOCS = (
 QUICK_START = "bash scripts/setup.sh && .venv/bin/stepcache demo\n.venv/bin/python -m pytest\n"
 
 FRAGMENT, NOT_RUN, CONTINUES, RUN = "fragment", "not run", "continues the previous block", "run"
-_MARKER = re.compile(r"^<!--\s*(fragment|not run|continues the previous block)\s*(?::\s*(.*?))?\s*-->$")
+RUNS_IN_TESTS = "runs in tests"  # a shell block that finishes in seconds
+_MARKER = re.compile(
+    r"^<!--\s*(fragment|not run|continues the previous block|runs in tests)\s*(?::\s*(.*?))?\s*-->$"
+)
+# What a shell block's working directory links from the checkout: what the docs' commands read.
+SHELL_BLOCK_LINKS = (".venv", "docs", "examples", "benchmarks")
+SHELL_BLOCK_TIMEOUT_S = 180
 _FENCE = re.compile(r"^\s*```(\S*)\s*$")
 
 
@@ -43,7 +56,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     language: str
     code: str
-    mode: str  # RUN, FRAGMENT, NOT_RUN or CONTINUES
+    mode: str  # RUN, FRAGMENT, NOT_RUN, CONTINUES or (a shell block) RUNS_IN_TESTS
     reason: str = ""
 
     @property
@@ -135,6 +148,10 @@ def test_every_block_is_marked_with_a_known_marker() -> None:
         for number, line in enumerate((ROOT / doc).read_text().splitlines(), start=1):
             if line.strip().startswith("<!--") and any(word in line for word in ("run", "fragment", "continue")):
                 assert _MARKER.match(line.strip()), f"{doc}:{number}: unknown doc-test marker {line.strip()!r}"
+    for block in _all_blocks():
+        assert (block.mode == RUNS_IN_TESTS) <= (block.language == "bash"), (
+            f"{block.name}: <!-- {RUNS_IN_TESTS} --> marks shell blocks; a Python block runs unless marked otherwise"
+        )
 
 
 def _stepcache_commands(block: Block) -> Iterator[list[str]]:
@@ -167,6 +184,9 @@ def test_command_lines_parse(block: Block, capsys: pytest.CaptureFixture[str]) -
             importlib.import_module(known._module).add_arguments(_subparser(parser, known.command))
             args = parser.parse_args(words)
         except SystemExit as exit_info:
+            if exit_info.code == 0 and {"-h", "--help"} & set(words):
+                capsys.readouterr()  # the help text
+                continue
             raise AssertionError(f"{block.name}: `stepcache {shlex.join(words)}` does not parse") from exit_info
         # A --cache-config is read as the tool reads it (JSON, a preset or a file), except a file that an
         # earlier command of the docs writes.
@@ -293,6 +313,53 @@ def test_shell_commands_resolve_and_parse(block: Block, monkeypatch: pytest.Monk
     for words in _shell_commands(block):
         with monkeypatch.context() as patch:
             _check_command(words, block.name, patch)
+
+
+def _tracked_changes() -> str | None:
+    """``git status`` of the checkout's tracked files (None where it is not a git checkout)."""
+    try:
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return status.stdout if status.returncode == 0 else None
+
+
+def run_shell_block(block: Block, folder: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``block`` with bash in ``folder`` (the checkout's :data:`SHELL_BLOCK_LINKS` linked into it), as
+    written: stop at the first failing command. The checkout's ``src`` is first on the import path, so
+    the commands run the code under test, with one torch thread."""
+    import os
+    import sys
+
+    for name in SHELL_BLOCK_LINKS:
+        target = ROOT / name
+        if name == ".venv" and not target.exists():  # a venv elsewhere (STEPCACHE_VENV): the one running us
+            target = Path(sys.prefix)
+        (folder / name).symlink_to(target, target_is_directory=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=SHELL_BLOCK_TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in _all_blocks() if b.mode == RUNS_IN_TESTS], ids=lambda block: block.name
+)
+def test_cheap_shell_blocks_run_as_written(block: Block, tmp_path: Path) -> None:
+    """A block marked as running in tests exits 0, and writes nothing into the checkout's tracked files."""
+    before = _tracked_changes()
+    done = run_shell_block(block, tmp_path)
+    assert done.returncode == 0, (
+        f"{block.name}: exit status {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    )
+    assert _tracked_changes() == before, f"{block.name} changed tracked files of the checkout"
+
+
+def test_a_failing_command_fails_its_shell_block(tmp_path: Path) -> None:
+    block = Block("test", 1, "bash", ".venv/bin/stepcache generate --steps 0\necho not reached\n", RUNS_IN_TESTS)
+    done = run_shell_block(block, tmp_path)
+    assert done.returncode == 2 and "not reached" not in done.stdout and "--steps" in done.stderr
 
 
 def test_shell_command_check_fails_on_what_a_newcomer_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,6 +47,37 @@ def test_a_hand_written_loop_calibrates_within_one_recording_and_two_verificatio
     assert result.chosen.forwards == 4 and result.choices[0].met
 
 
+def test_solver_aware_variants_that_repeat_their_plain_twins_are_not_verified_again():
+    """Once the first solver-aware run equals its plain twin bit for bit, the later budgets' runs all go to
+    plain candidates (other schedules or reuse modes); where solver-aware stepping changes the output
+    (a loop that reads it), both stay measured at every budget."""
+    calls: list[DiffusionCacheConfig] = []
+    result = stepcache.calibrate(make_generate(calls=calls), target_forwards=[4, 6, 8])
+    assert len(calls) == result.generations == result.generation_limit == 1 + 2 * 3
+    run = calls[1:]
+    assert [c.step_cache_dit_solver_aware for c in run[:2]] == [True, False]
+    assert not any(c.step_cache_dit_solver_aware for c in run[2:])  # 4 runs that were pairs before
+    assert len({repr(sorted(c.to_dict().items())) for c in run}) == 6  # 6 distinct configs measured
+    for budget in (6, 8):
+        measured = [c for c in result.candidates if c.target_forwards == budget and c.verified]
+        assert len(measured) == 2 and not any(c.config.step_cache_dit_solver_aware for c in measured)
+    assert not any(c.config.step_cache_dit_solver_aware for c in result.candidates if not c.verified)
+
+    model = TinyVelocityModel()
+
+    def reads_solver_aware(config, _input=None):  # a loop where solver_aware changes the step taken
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(3, 8, generator=generator)
+        cache = VelocityCache(StepCacheConfig.from_diffusion_cache_config(config))
+        damping = 0.5 if config.step_cache_dit_solver_aware else 1.0
+        return euler_loop(lambda x, t, _i: damping * model(x, t), cache, noise, shifted_times())
+
+    both = stepcache.calibrate(reads_solver_aware, target_forwards=[4, 6])
+    for budget in (4, 6):
+        measured = [c for c in both.candidates if c.target_forwards == budget and c.verified]
+        assert {c.config.step_cache_dit_solver_aware for c in measured} == {True, False}
+
+
 def test_budgets_inputs_and_the_generation_count():
     calls: list[DiffusionCacheConfig] = []
     generate = make_generate(calls=calls)

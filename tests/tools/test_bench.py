@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from stepcache.tools.benchmark import cache_dit_peer
 from stepcache.tools.benchmark.harness import FULL, ORACLE, STATIC_MASK, STEP_CACHE, Method
 from stepcache.tools.benchmark.oracle import search_schedules
 from stepcache.tools.benchmark.report import benchmark_json, markdown_table, plot_fidelity
@@ -16,6 +17,8 @@ from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 from tests.tools.tiny_models import single_thread, tiny_wan_digits
 
 PEERS = {"first_block_cache", "mag_cache", "taylorseer_cache", "pyramid_attention_broadcast", "faster_cache"}
+if cache_dit_peer.is_installed():  # the optional peer family (the bench extra)
+    PEERS.add(cache_dit_peer.CACHE_DIT)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,3 +128,11 @@ def test_the_frontier_buckets_rows_at_the_next_budget_up():
     assert table[4]["planned"].fidelity["psnr_db"] == 28.0 and "oracle" not in table[10]
     text = frontier_table(rows, [4, 5, 6, 8, 10])
     assert "| <= 4 | 21 (4.00) | 19 (4.00) | 28 (4.00) | planned |" in text
+
+
+def test_samples_per_class_sizes_the_evaluated_digits(target):
+    from stepcache.tools.bench import build_target
+
+    sized = build_target("wan-digits", quick=False, seed=0, pipeline=target.digits, samples_per_class=3)
+    assert len(sized.labels) == 30
+    assert len(build_target("wan-digits", quick=True, seed=0, pipeline=target.digits).labels) == 10

@@ -84,6 +84,8 @@ BAD_OPTIONS = [
     (["demo", "--model", "dreamzero-mni"], ("--model", "dreamzero-mni", "dreamzero-mini")),
     (["bench", "--model", "wan-digit"], ("--model", "'wan-digit'", "'wan-digits'", "'dreamzero-mini'")),
     (["bench", "--repeats", "0"], ("--repeats", "'0'", ">= 1")),
+    (["bench", "--samples-per-class", "0"], ("--samples-per-class", "'0'", ">= 1")),
+    (["bench", "--model", "dreamzero-mini", "--samples-per-class", "2"], ("--samples-per-class", "wan-digits")),
     (["generate", "--classes", "1,12"], ("--classes", "'1,12'", "0..9")),
     (["generate", "--per-class", "0"], ("--per-class", "'0'")),
     (["calibrate", "--target-forwards", "0"], ("--target-forwards", "'0'", "1..")),

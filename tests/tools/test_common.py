@@ -95,14 +95,15 @@ class _Clock:
 
 def test_progress_lines_say_done_left_elapsed_and_an_estimate_at_most_every_30_s():
     clock, lines = _Clock(), []
-    bar = ProgressLines(total=12, desc="bench", unit="rows", clock=clock)
-    bar.file = type("Sink", (), {"write": lambda self, text: lines.append(text), "flush": lambda self: None})()
+    sink = type("Sink", (), {"write": lambda self, text: lines.append(text), "flush": lambda self: None})()
+    bar = ProgressLines(total=12, desc="bench", unit="rows", file=sink, clock=clock)
     for finished_at in (10, 20, 45, 50, 80, 200, 210, 215, 220, 230, 240, 250):
         clock.now = finished_at
         bar.update()
     printed = [line for line in "".join(lines).splitlines() if line]
-    # The first, then one once 30 s passed since the previous line, then the last.
+    # The start, the first, then one once 30 s passed since the previous line, then the last.
     assert printed == [
+        "bench: 0/12 rows, 0s elapsed",
         "bench: 1/12 rows, 10s elapsed, about 1m50s left",
         "bench: 3/12 rows, 45s elapsed, about 2m15s left",
         "bench: 5/12 rows, 1m20s elapsed, about 1m52s left",
@@ -119,7 +120,8 @@ def test_progress_lines_for_long_units_and_news_within_one():
     clock.now = 5
     bar.set_postfix_str("searching")
     bar.update(0)  # news 5 s in: too soon for a line
-    assert lines == []
+    assert [line for line in "".join(lines).splitlines() if line] == ["calibrate: 0/3 phases, 0s elapsed"]
+    lines.clear()
     clock.now = 31
     bar.update(0)  # still in the first phase, but 30 s of silence: a line
     clock.now = 32
@@ -143,7 +145,7 @@ def test_progress_is_lines_off_a_terminal_and_nothing_with_no_progress(capsys):
     with progress_bar(range(3), total=3, desc="demo", unit="episodes", enabled=show_progress(args)) as bar:
         assert list(bar) == [0, 1, 2]
     err = capsys.readouterr().err
-    assert err.startswith("demo: 1/3 episodes, 0s elapsed, about 0s left\n")
+    assert err.startswith("demo: 0/3 episodes, 0s elapsed\ndemo: 1/3 episodes, 0s elapsed, about 0s left\n")
     assert err.rstrip().endswith("demo: 3/3 episodes, 0s elapsed, done") and "\r" not in err
     silenced = argparse.Namespace(no_progress=True)
     assert not show_progress(silenced)
@@ -209,7 +211,8 @@ def test_a_long_unit_still_gets_a_line_every_interval_and_nothing_after_the_end(
     bar = ProgressLines(total=3, desc="job", unit="rows", file=out, heartbeat_s=0.1)
     bar.set_postfix_str("row 1 of 3")
     time.sleep(0.45)  # no unit finishes: the heartbeat speaks for it
-    quiet_lines = out.getvalue().splitlines()
+    start, *quiet_lines = out.getvalue().splitlines()
+    assert start == "job: 0/3 rows, 0s elapsed"
     assert len(quiet_lines) >= 2 and all(line.startswith("job: 0/3 rows, ") for line in quiet_lines)
     assert all(line.endswith("(row 1 of 3)") for line in quiet_lines)
     bar.update(3)
@@ -219,4 +222,18 @@ def test_a_long_unit_still_gets_a_line_every_interval_and_nothing_after_the_end(
     closed = ProgressLines(total=3, desc="job", unit="rows", file=io.StringIO(), heartbeat_s=0.05)
     closed.close()
     time.sleep(0.2)
-    assert closed.file.getvalue() == ""
+    assert closed.file.getvalue().splitlines() == ["job: 0/3 rows, 0s elapsed"]
+
+
+def test_the_heartbeat_speaks_when_the_quiet_reaches_its_interval_not_a_tick_later():
+    """The longest silence is the interval itself, wherever the last line fell."""
+    stamps: list[float] = []
+    sink = type("Sink", (), {"write": lambda self, text: stamps.append(time.monotonic()) if text.strip() else None,
+                             "flush": lambda self: None})()
+    bar = ProgressLines(total=3, desc="job", unit="rows", file=sink, heartbeat_s=1.0)
+    time.sleep(0.3)
+    bar.update(1)  # the first unit's line, 0.3 s into a heartbeat period
+    time.sleep(1.2)
+    bar.close()
+    assert len(stamps) == 3  # the start, the first unit, one heartbeat
+    assert 1.0 <= stamps[2] - stamps[1] < 1.12

@@ -111,7 +111,8 @@ def test_demo_with_piped_stderr_prints_progress_lines(tmp_path, capsys):
     assert cli.main([*base, "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err  # captured: not a terminal
     lines = [line for line in err.splitlines() if line.startswith("demo: ")]
-    assert lines[0].startswith("demo: 1/4 episodes, ") and "elapsed, about " in lines[0] and " left (" in lines[0]
+    assert lines[0].startswith("demo: 0/4 episodes, 0s elapsed")  # the start, before the first episode
+    assert lines[1].startswith("demo: 1/4 episodes, ") and "elapsed, about " in lines[1] and " left (" in lines[1]
     assert lines[-1].startswith("demo: 4/4 episodes, ") and "elapsed, done" in lines[-1]
     assert cli.main([*base, "--out", str(tmp_path / "out2"), "--no-progress"]) == 0
     assert "demo: " not in capsys.readouterr().err

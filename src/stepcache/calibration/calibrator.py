@@ -9,10 +9,12 @@
    the budget's forwards on the recorded trajectories (:mod:`stepcache.calibration.policies`).
 3. **Verify a few**: real generations for the best candidates only, chosen by measurement. For a
    forward budget: the best schedule with and without solver-aware stepping, so whether
-   ``solver_aware`` ships is measured (it helps with multistep solvers such as UniPC; on a scheduler
-   without multistep memory it provably changes nothing, and a diffusers pipeline with such a
-   scheduler spends its verifications on other candidates instead). For a PSNR floor: a search over
-   budgets that corrects the model's predicted fidelity with each measurement.
+   ``solver_aware`` ships is measured (it helps with multistep solvers such as UniPC). Where it cannot
+   differ from its plain twin, the runs go to other candidates instead: on a diffusers scheduler without
+   multistep memory (Euler) that is known before any run; for a generation function (whose loop may have
+   no solver at all) it is known once the first solver-aware candidate's outputs equal its plain twin's
+   bit for bit. For a PSNR floor: a search over budgets that corrects the model's predicted fidelity with
+   each measurement.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from stepcache.calibration.generation import (
@@ -36,6 +38,7 @@ from stepcache.calibration.generation import (
     is_diffusers_pipeline,
     non_finite,
     psnr_db,
+    same_output,
 )
 from stepcache.calibration.policies import fit_error_budget, mean_forwards
 from stepcache.calibration.result import CalibrationResult, Candidate, Choice, HeldOutResult
@@ -73,30 +76,65 @@ class _Proposal:
 
 @dataclass
 class _Verifier:
-    """Runs candidates on every calibration input, once each (by config), and counts what it spent."""
+    """Runs candidates on every calibration input, once each (by config), and counts what it spent.
+
+    Where the source cannot say what ``solver_aware`` does (a generation function), it finds out: the
+    outputs of candidates are kept until a solver-aware one and its plain twin (the same config
+    without it) have both run; equal bit for bit on every input, ``solver_aware_inert`` is True and the
+    callers verify no more solver-aware candidates (they would only repeat their twins' runs)."""
 
     source: GenerationSource
     references: list[Any]
     fidelity: Fidelity
     progress: Callable[[str], None] | None
+    families: Sequence[bool]
     generations: int = 0
     measured: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
+    solver_aware_inert: bool | None = None  # None: not known (yet); settled by the source or by a measured pair
+    _outputs: dict[str, list[Any]] = field(default_factory=dict)  # while not known: outputs by config key
+
+    def __post_init__(self) -> None:
+        effect = self.source.solver_aware_effect()
+        if len(self.families) == 1:  # settled by the caller or the scheduler: nothing to find out
+            self.solver_aware_inert = False
+        elif effect != "unknown":
+            self.solver_aware_inert = effect != "multistep"
 
     def verify(self, candidate: Candidate) -> None:
         key = _config_key(candidate.config)
         if key not in self.measured:
             if self.progress:
                 self.progress(f"verifying {candidate.label}")
-            forwards, scores = [], []
+            forwards, scores, outputs = [], [], []
             for index, reference in enumerate(self.references):
                 output, computed = run_counted(self.source, candidate.config, index, candidate.label)
                 self.generations += 1
                 forwards.append(computed)
                 scores.append(_score(self.fidelity, output, reference, self.source, index, candidate.label))
+                if self.solver_aware_inert is None:
+                    outputs.append(detached(output))
             self.measured[key] = (sum(forwards) / len(forwards), scores)
+            if self.solver_aware_inert is None:
+                self._compare_with_twin(candidate.config, outputs)
         candidate.forwards, candidate.input_fidelity_db = self.measured[key][0], list(self.measured[key][1])
         candidate.fidelity_db = mean_db(candidate.input_fidelity_db)
         logger.debug("verified %s: %.3g forwards, %.4g dB", candidate.label, candidate.forwards, candidate.fidelity_db)
+
+    def skips(self, proposal: _Proposal) -> bool:
+        """Whether ``proposal`` is a solver-aware candidate that could only repeat its plain twin."""
+        return proposal.solver_aware and bool(self.solver_aware_inert)
+
+    def _compare_with_twin(self, config: DiffusionCacheConfig, outputs: list[Any]) -> None:
+        twin = replace(config, step_cache_dit_solver_aware=not config.step_cache_dit_solver_aware)
+        twin_outputs = self._outputs.get(_config_key(twin))
+        if twin_outputs is None:
+            self._outputs[_config_key(config)] = outputs
+            return
+        self.solver_aware_inert = all(same_output(a, b) for a, b in zip(outputs, twin_outputs))
+        self._outputs.clear()
+        if self.solver_aware_inert:
+            logger.info("solver-aware stepping changes nothing in this generation: its variants are not verified "
+                        "further (the runs go to other candidates)")
 
 
 def calibrate(
@@ -204,7 +242,7 @@ def calibrate(
 
     # 3. verify a few, pick by measurement
     start = time.perf_counter()
-    verifier = _Verifier(source, references, fidelity, progress)
+    verifier = _Verifier(source, references, fidelity, progress, families)
     candidates: list[Candidate] = []
     choices = []
     for goal in goals:
@@ -488,9 +526,14 @@ def _preference(candidate: Candidate) -> tuple[float, float, int, int]:
 
 def _choose_for_budget(goal: dict[str, float], pool: Sequence[_Proposal], families: Sequence[bool],
                        verifications: int, verifier: _Verifier, candidates: list[Candidate]) -> Choice:
-    order = _verification_order(pool, families)
-    for proposal in order[:verifications]:
-        verifier.verify(proposal.candidate)
+    order, verified_here = [], 0
+    for proposal in _verification_order(pool, families):
+        if verifier.skips(proposal):  # known to repeat its plain twin: not verified, not reported
+            continue
+        order.append(proposal)
+        if verified_here < verifications:
+            verifier.verify(proposal.candidate)
+            verified_here += 1
     candidates.extend(p.candidate for p in order)
     verified = [p.candidate for p in order if p.candidate.verified]
     within = [c for c in verified if c.forwards <= goal["target_forwards"] + 1e-9]
@@ -523,6 +566,8 @@ def _choose_for_floor(goal: dict[str, float], static: dict[SkipModel, dict[int, 
         predict = _fidelity_model(measured)
         proposal = None
         for family in families:
+            if family and verifier.solver_aware_inert:
+                continue
             for budget in range(1, num_steps + 1):
                 if budget >= ceiling:
                     break

@@ -202,6 +202,16 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return tensors
 
 
+def same_output(output: Any, other: Any) -> bool:
+    """Whether two outputs hold the same tensors, bit for bit (False where ``output`` holds none: an
+    output that cannot be compared is never taken for an equal one)."""
+    mine, theirs = output_tensors(output), output_tensors(other)
+    return bool(mine) and len(mine) == len(theirs) and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach().cpu(), b.detach().cpu())
+        for a, b in zip(mine, theirs)
+    )
+
+
 def non_finite(value: Any) -> str | None:
     """Where ``value`` (an output or a prediction: a tensor or a structure of them) holds NaN or an
     infinity, e.g. ``"tensor 0 (3 of 64 elements)"``; None where every element is finite."""

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                         help="timed repeats per method (default: 3, 1 with --quick)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the evaluated inputs")
+    parser.add_argument("--samples-per-class", type=positive_int, default=None, metavar="N",
+                        help="wan-digits: evaluated digits per class (default: 10, 1 with --quick); fewer is "
+                             "faster and noisier")
     parser.add_argument("--calibration-seed", type=seed_int, default=None, metavar="SEED",
                         help="seed of the inputs calibrated configs are tuned on (default: --seed + 1); "
                              "never the evaluated ones")
@@ -79,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    if args.samples_per_class is not None and args.model != "wan-digits":
+        raise UsageError(f"argument --samples-per-class: is for wan-digits; {args.model} runs its own episodes")
     if args.calibration_seed is None:
         args.calibration_seed = args.seed + 1
     if args.calibration_seed == args.seed:
@@ -124,10 +129,11 @@ def default_num_steps(pipeline: Any) -> int:
 
 
 def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None,
-                 closed_loop_episodes: int | None = None) -> BenchTarget:
+                 closed_loop_episodes: int | None = None, samples_per_class: int | None = None) -> BenchTarget:
     """The bundled model as a benchmark target (imports only what that model needs); ``pipeline``:
     the model already loaded by :func:`load_bundled`; ``closed_loop_episodes``: per row, for the
-    success rate of the DreamZero-style models (default 4 with ``quick``, else 30)."""
+    success rate of the DreamZero-style models (default 4 with ``quick``, else 30);
+    ``samples_per_class``: wan-digits' digits per class (default: 10, 1 when ``quick``)."""
     pipeline = load_bundled(model) if pipeline is None else pipeline
     if model in DREAMZERO_MODELS:
         from stepcache.tools.benchmark.dreamzero_target import DreamZeroTarget
@@ -143,7 +149,9 @@ def build_target(model: str, *, quick: bool, seed: int, pipeline: Any = None,
         )
     from stepcache.tools.benchmark.wan_digits_target import WanDigitsTarget
 
-    return WanDigitsTarget(pipeline, samples_per_class=1 if quick else 10, seed=seed)
+    if samples_per_class is None:
+        samples_per_class = 1 if quick else 10
+    return WanDigitsTarget(pipeline, samples_per_class=samples_per_class, seed=seed)
 
 
 def _phase(message: str) -> int:
@@ -182,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     set_torch_threads(args.threads)
     target = build_target(args.model, quick=args.quick, seed=args.seed,
-                          closed_loop_episodes=args.closed_loop_episodes)
+                          closed_loop_episodes=args.closed_loop_episodes, samples_per_class=args.samples_per_class)
     with progress_bar(total=len(PHASES), desc=f"bench {args.model}", unit="phases",
                       enabled=show_progress(args), interval_s=0) as bar:  # phases are minutes long: a line each
 
@@ -240,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             **({"note": QUICK_NOTE} if args.quick else {}),
             repeats=repeats,
             seed=args.seed,
+            **({"samples_per_class": args.samples_per_class} if args.samples_per_class is not None else {}),
             calibration_seed=args.calibration_seed,
             frontier=frontier_json(result.rows, budgets),
             **({"success_frontier": frontier_json(result.rows, budgets, "success_rate")} if has_success else {}),

@@ -354,11 +354,12 @@ class ProgressLines:
     """Progress as plain lines on stderr, for a pipe, a log file or CI, where a bar is unreadable.
 
     Speaks tqdm's subset that the tools use (``n``, ``update``, ``set_postfix(_str)``, ``close``,
-    iteration, ``with``). A line is written when a unit finishes: always for the first and the last,
-    otherwise only once ``interval_s`` passed since the previous line (0: every unit, for jobs whose
-    units are long), so a log gets news at least that often without one line per training step. Within
-    a long unit, ``update(0)`` (a caller's news, such as the next benchmark row starting) writes a line
-    when none was written for :data:`PROGRESS_INTERVAL_S`.
+    iteration, ``with``). A line is written when the job starts, and when a unit finishes: always for
+    the first and the last, otherwise only once ``interval_s`` passed since the previous line (0: every
+    unit, for jobs whose units are long), so a log gets news at least that often without one line per
+    training step. Within a long unit, ``update(0)`` (a caller's news, such as the next benchmark row
+    starting) writes a line when none was written for :data:`PROGRESS_INTERVAL_S`, and the heartbeat
+    writes one when the log has been quiet for ``heartbeat_s``.
     """
 
     def __init__(self, iterable: Iterable[Any] | None = None, *, total: int, desc: str, unit: str,
@@ -374,6 +375,7 @@ class ProgressLines:
         self._last_line: float | None = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._write(self.start)  # what started, before the first (possibly long) unit
         # A unit can outlast the interval (one bench sample, one verification): a daemon thread writes a
         # line whenever the log has been quiet for heartbeat_s, until the last unit or close().
         if heartbeat_s and clock is None:
@@ -410,18 +412,25 @@ class ProgressLines:
                 if since >= PROGRESS_INTERVAL_S:
                     self._write(now)
                 return
+            first = self.n == 0  # its line gives the first estimate of what is left
             self.n += n
-            if self._last_line is None or self.n >= self.total or since >= self.interval_s:
+            if first or self.n >= self.total or since >= self.interval_s:
                 self._write(now)
             if self.n >= self.total:
                 self._stopped.set()
 
     def _heartbeat(self, every_s: float) -> None:
-        while not self._stopped.wait(every_s / 4):
+        # Wakes when the quiet would reach every_s (not on a fixed tick, which would add up to a tick).
+        wait = every_s
+        while not self._stopped.wait(wait):
             with self._lock:
                 now = self.clock()
                 quiet = now - (self.start if self._last_line is None else self._last_line)
-                if quiet >= every_s and not self._stopped.is_set():
+                if quiet < every_s:
+                    wait = every_s - quiet
+                    continue
+                wait = every_s
+                if not self._stopped.is_set():
                     try:
                         self._write(now)
                     except (OSError, ValueError):  # the stream was closed under a bar nobody closed

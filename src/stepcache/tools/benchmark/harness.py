@@ -32,18 +32,24 @@ ERROR_BUDGET = "error_budget"  # policy "error_budget": the adaptive accumulated
 CALIBRATED = "calibrated"  # stepcache.calibrate on the calibration inputs, evaluated on the others
 STATIC_MASK = "static_mask"
 ORACLE = "oracle"
+# A row's cost counted as on a 40-block DiT, for peers that compute some blocks of a cached step
+# (cache-dit); reported beside ``nfe`` and as its own frontier column.
+NFE_40_BLOCKS = "nfe_40_blocks"
 
 
 @dataclass(frozen=True)
 class PeerCache:
-    """Another cache the target can enable on its transformer (e.g. one of diffusers' hooks).
+    """Another cache the target can enable (one of diffusers' hooks, or cache-dit).
 
-    ``build()`` returns a fresh config object each time: several hold callbacks or state.
+    ``build()`` returns a fresh config object each time: several hold callbacks or state. ``library``
+    says who applies it: ``"diffusers"`` (``transformer.enable_cache(build())``) or ``"cache_dit"``
+    (``cache_dit.enable_cache(pipe, **build())``).
     """
 
     name: str
     settings: dict[str, Any]
     build: Callable[[], Any]
+    library: str = "diffusers"
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,15 @@ class Sample:
         outputs: named output tensors, compared with the reference's of the same name.
         nfe: transformer forwards in units of one full-model step (fractional for partial caches).
         run_steps: the steps whose forward ran, for step-level methods (None otherwise).
+        nfe_40_blocks: for a cache that computes some blocks of a cached step, ``nfe`` as it would be
+            on a 40-block model (None otherwise).
     """
 
     outputs: dict[str, torch.Tensor]
     nfe: float
     run_steps: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    nfe_40_blocks: float | None = None
 
 
 class BenchTarget(abc.ABC):
@@ -133,6 +142,7 @@ class Row:
     quality: dict[str, float | None]
     run_steps: list[int] | None
     wall_samples: list[float] = field(default_factory=list)
+    nfe_40_blocks: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         row = {
@@ -145,6 +155,8 @@ class Row:
         }
         row.update(self.fidelity)
         row.update(self.quality)
+        if self.nfe_40_blocks is not None:
+            row[NFE_40_BLOCKS] = round(self.nfe_40_blocks, 4)
         row["run_steps"] = self.run_steps
         return row
 
@@ -204,6 +216,7 @@ def evaluate(
                 quality=target.quality(sample),
                 run_steps=sample.run_steps,
                 wall_samples=wall,
+                nfe_40_blocks=sample.nfe_40_blocks,
             )
         )
     return rows

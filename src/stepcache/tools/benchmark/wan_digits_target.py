@@ -2,8 +2,10 @@
 
 Every method samples the same labels from the same seed. StepCache, the static mask and the oracle go
 through :func:`~stepcache.integrations.diffusers.enable_step_cache`; diffusers' own caches through
-``transformer.enable_cache``. Forwards are counted as FLOPs (torch's counter) in units of one full
-step, so a cache that computes part of the model gets a fractional ``nfe``.
+``transformer.enable_cache``; cache-dit (where installed) through ``cache_dit.enable_cache(pipe)``.
+Forwards are counted as FLOPs (torch's counter) in units of one full step, so a cache that computes
+part of the model gets a fractional ``nfe``; cache-dit's rows count blocks instead, from its own
+statistics, here and as on a 40-block model (:mod:`~stepcache.tools.benchmark.cache_dit_peer`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from stepcache.integrations.diffusers import disable_step_cache, enable_step_cache, get_step_cache_stats
 from stepcache.models.wan_digits.classifier import DigitClassifier
 from stepcache.models.wan_digits.data import PIXEL_MAX, load_digit_pixels
+from stepcache.tools.benchmark import cache_dit_peer
 from stepcache.tools.benchmark.digit_features import DigitFeatureNet
 from stepcache.tools.benchmark.harness import FULL, BenchTarget, Method, PeerCache, Sample
 from stepcache.tools.benchmark.metrics import count_flops, frechet_distance, psnr_db, ssim
@@ -69,8 +72,11 @@ class WanDigitsTarget(BenchTarget):
 
     def sample(self, method: Method, *, measure: bool = True) -> Sample:
         transformer = self.pipe.transformer
+        cache_dit = method.peer is not None and method.peer.library == cache_dit_peer.CACHE_DIT
         if method.step_cache is not None:
             enable_step_cache(self.pipe, method.step_cache)
+        elif cache_dit:
+            cache_dit_peer.enable(self.pipe, method.peer.build())
         elif method.peer is not None:
             transformer.enable_cache(method.peer.build())
         try:
@@ -78,15 +84,22 @@ class WanDigitsTarget(BenchTarget):
                 return Sample({"image": self._generate(method.num_steps)}, nfe=math.nan)
             pixels, flops = count_flops(lambda: self._generate(method.num_steps))
             run_steps = get_step_cache_stats(self.pipe).run_steps if method.step_cache is not None else None
+            blocks = cache_dit_peer.block_forwards(self.pipe, method.num_steps) if cache_dit else None
         finally:
             if method.step_cache is not None:
                 disable_step_cache(self.pipe)
+            elif cache_dit:
+                cache_dit_peer.disable(self.pipe)
             elif method.peer is not None:
                 transformer.disable_cache()
         if method.method == FULL and self._flops_per_step is None:
             self._flops_per_step = flops / method.num_steps
         if self._flops_per_step is None:
             raise RuntimeError("sample the full-step reference first: forwards are counted against it")
+        if blocks is not None:  # cache-dit: blocks computed over all blocks, per call, from its statistics
+            measured, on_40_blocks, cached = blocks
+            return Sample({"image": pixels}, nfe=measured, nfe_40_blocks=on_40_blocks,
+                          extra={"cached_steps": cached, "flops_nfe": flops / self._flops_per_step})
         return Sample({"image": pixels}, nfe=flops / self._flops_per_step, run_steps=run_steps)
 
     # -- scores ---------------------------------------------------------------------------------
@@ -213,4 +226,6 @@ class WanDigitsTarget(BenchTarget):
                     ),
                 )
             )
-        return peers, {}
+        if not cache_dit_peer.is_installed():
+            return peers, {cache_dit_peer.CACHE_DIT: cache_dit_peer.NOT_INSTALLED}
+        return [*peers, *cache_dit_peer.peer_caches(n)], {}
