@@ -32,8 +32,8 @@ def test_every_method_runs_and_diffusers_caches_are_explained(target):
     result = run_benchmark(target, quick=True, repeats=1)
     families = {row.method.method for row in result.rows}
     assert {FULL, STEP_CACHE, STATIC_MASK, "fewer_steps"} <= families
-    assert set(result.skipped_peers) == set(DIFFUSERS_CACHES)
-    assert all("plain torch module" in reason for reason in result.skipped_peers.values())
+    assert set(result.skipped_peers) == {*DIFFUSERS_CACHES, "cache_dit"}
+    assert all("plain torch" in reason for reason in result.skipped_peers.values())
     document = benchmark_json(target.name, 16, result.rows)
     json.dumps(document)
     for row in document["results"]:

@@ -169,7 +169,9 @@ def calibrate(
         verifications: real generations per budget and calibration input spent checking the best
             candidates (default 2: the best schedule with and without solver-aware stepping).
         solver_aware: None (default): measured where it can matter (not on a diffusers scheduler without
-            multistep memory, where it changes nothing); True/False: only candidates with / without it.
+            multistep memory, where it changes nothing; in a generation function, not again once a
+            solver-aware run has equalled its plain twin bit for bit); True/False: only candidates with /
+            without it.
         fidelity: ``fidelity(output, full_step_output) -> dB`` (default: PSNR of the first output tensor
             with the full-step tensor's range as the peak); averaged over inputs as errors
             (:func:`mean_db`).

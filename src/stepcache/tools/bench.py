@@ -33,6 +33,7 @@ from stepcache.tools.common import (
     add_progress_argument,
     add_threads_argument,
     add_update_docs_figures_argument,
+    installed_version,
     positive_int,
     prepare_out_dir,
     prepare_out_file,
@@ -253,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
             frontier=frontier_json(result.rows, budgets),
             **({"success_frontier": frontier_json(result.rows, budgets, "success_rate")} if has_success else {}),
             skipped_peers=result.skipped_peers,
+            **({"cache_dit": installed_version("cache-dit")} if args.model == "wan-digits" else {}),
             oracle_schedules_sampled=None if result.oracle is None else result.oracle.evaluations,
             run=run_metadata(args),
         )

@@ -273,7 +273,8 @@ def relative_path_text(word: str) -> str:
     return prefix + ("=" if prefix else "") + os.path.relpath(path)
 
 
-def _installed_version(distribution: str) -> str | None:
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (e.g. ``"cache-dit"``), or None where it is not installed."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -287,7 +288,7 @@ def run_metadata(args: argparse.Namespace | None = None, *, device: str = "cpu")
     return {
         "stepcache": stepcache.__version__,
         "torch": torch.__version__,
-        "diffusers": _installed_version("diffusers"),
+        "diffusers": installed_version("diffusers"),
         "python": platform.python_version(),
         "device": device,
         "machine": platform.machine(),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from stepcache.backend import disable_stepcache, enable_dreamzero_stepcache
+from stepcache.tools.benchmark.cache_dit_peer import CACHE_DIT
 from stepcache.tools.benchmark.closed_loop import wilson_interval
 from stepcache.tools.benchmark.harness import BenchTarget, Method, PeerCache, Sample
 from stepcache.tools.benchmark.metrics import psnr_db, ssim
@@ -45,6 +46,10 @@ SSIM_KERNEL = 7
 NOT_APPLICABLE = (
     "a diffusers hook on ModelMixin transformers; dreamzero-mini's DiT is a plain torch module with a "
     "KV-cached prefill, so it has nothing to hook"
+)
+CACHE_DIT_NOT_APPLICABLE = (
+    "cache-dit patches the transformer blocks of diffusers pipelines it has an adapter for; dreamzero-mini's "
+    "pipeline is this project's own, with a plain torch DiT"
 )
 DIFFUSERS_CACHES = (
     "first_block_cache",
@@ -191,4 +196,4 @@ class DreamZeroTarget(BenchTarget):
         }
 
     def peer_caches(self) -> tuple[list[PeerCache], dict[str, str]]:
-        return [], {name: NOT_APPLICABLE for name in DIFFUSERS_CACHES}
+        return [], {**{name: NOT_APPLICABLE for name in DIFFUSERS_CACHES}, CACHE_DIT: CACHE_DIT_NOT_APPLICABLE}

@@ -54,8 +54,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             _settings(row),
             str(row.method.num_steps),
             f"{row.nfe:.2f}",
-            *([_cell(row.nfe_40_blocks) if row.nfe_40_blocks is None else f"{row.nfe_40_blocks:.2f}"]
-              if block_costs else []),
+            *(["-" if row.nfe_40_blocks is None else f"{row.nfe_40_blocks:.2f}"] if block_costs else []),
             format_number(row.wall_s),
             f"{row.speedup:.2f}x",
             *(_cell(row.fidelity.get(k)) for k in fidelity_keys),
