@@ -36,6 +36,8 @@ import httpx
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket  # at module level: FastAPI resolves the handlers' annotations here
 
+from stepcache.tools.common import command_line
+
 warnings.filterwarnings("ignore", "connect\\(\\) must be used", DeprecationWarning)  # openpi-client 0.1.2's connect
 
 DROID_IMAGES = ("observation/exterior_image_1_left", "observation/exterior_image_2_left",
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.overhead < 0 or args.fuzz < 0 or not (args.overhead or args.fuzz):
         parser.error("give --overhead N and/or --fuzz N (N >= 1)")
-    document: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+    document: dict[str, Any] = {"command": f"python {command_line()}",  # paths relative, nothing machine-specific
                                 "cpu_count": os.cpu_count()}
     if args.overhead:
         document["overhead"] = measure_overhead(args.overhead)
