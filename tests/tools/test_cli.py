@@ -52,7 +52,7 @@ def test_subcommand_help_shows_its_own_arguments_and_their_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--episodes N episodes per row (at most 500) (default: 300)" in out
+    assert "--episodes N episodes per row (at most 500) (default: 100)" in out
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):

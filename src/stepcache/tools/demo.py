@@ -99,7 +99,7 @@ def _rows(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stepcache.models.dreamzero.weights import BUNDLED_MODELS, DEFAULT_MODEL
 
-    parser.add_argument("--episodes", type=positive_int, default=300, metavar="N",
+    parser.add_argument("--episodes", type=positive_int, default=100, metavar="N",
                         help=f"episodes per row (at most {MAX_EPISODES})")
     parser.add_argument("--seed", type=seed_int, default=0,
                         help=f"seed of the evaluated episodes (world seeds {SEED_STRIDE} * seed + {FIRST_EPISODE} + i)")
